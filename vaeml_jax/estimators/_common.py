@@ -1,0 +1,122 @@
+"""Pieces shared by the gradient estimators: argument checks, keys, batched evaluation, objectives."""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import jax
+import jax.numpy as jnp
+from jax.scipy.special import logsumexp
+
+from vaeml_jax.model import LatentVariableModel
+
+ENCODER_OBJECTIVES = ("elbo", "iwae", "inclusive_kl")
+
+
+def check_int(name: str, value, minimum: int, why: str = "") -> int:
+    """A Python int >= minimum, or a clear error (bools and floats are refused)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__}).")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}{why}, got {value}.")
+    return int(value)
+
+
+def check_num_particles(num_particles, cis_based: bool) -> int:
+    if cis_based:
+        return check_int("num_particles", num_particles, 2,
+                         " for the CIS-based estimators (with one particle the kernel never moves)")
+    return check_int("num_particles", num_particles, 1)
+
+
+def check_encoder_objective(encoder_objective):
+    if encoder_objective is not None and encoder_objective not in ENCODER_OBJECTIVES:
+        raise ValueError(f"encoder_objective must be one of {ENCODER_OBJECTIVES} or None, "
+                         f"got {encoder_objective!r}.")
+    return encoder_objective
+
+
+def as_key(key) -> jax.Array:
+    """Accept a new-style key (jax.random.key) or a legacy uint32[2] key; refuse anything else."""
+    if isinstance(key, jax.Array) and jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        if key.shape != ():
+            raise ValueError(f"key must be ONE PRNG key, got a key array of shape {key.shape}; "
+                             "the estimator splits it per example itself.")
+        return key
+    if hasattr(key, "dtype") and key.dtype == jnp.uint32 and getattr(key, "shape", None) == (2,):
+        return jax.random.wrap_key_data(key)
+    raise TypeError(f"key must be a JAX PRNG key (jax.random.key(seed)), got {key!r}.")
+
+
+def lane_keys(key, batch_size: int, num_chains: int) -> jax.Array:
+    """Independent keys, one per (example, chain), shape (B, C)."""
+    return jax.random.split(key, batch_size * num_chains).reshape(batch_size, num_chains)
+
+
+def sample_lanes(model: LatentVariableModel, params, x, keys, num: int):
+    """z ~ q(.|x_i) for every lane: keys (B, C) -> particles (B, C, num, *latent)."""
+    per_chain = jax.vmap(lambda xi, k: model.sample_proposal(params, xi, k, num), in_axes=(None, 0))
+    return jax.vmap(per_chain)(x, keys)
+
+
+def eval_lanes(model: LatentVariableModel, params, x, particles):
+    """log p(x_i, z) and log q(z | x_i) for particles (B, C, P, *latent) -> two (B, C, P) arrays."""
+
+    def per_example(p, xi, zi):
+        lj = jax.vmap(jax.vmap(model.log_joint, (None, None, 0)), (None, None, 0))(p, xi, zi)
+        lq = jax.vmap(jax.vmap(model.log_proposal, (None, None, 0)), (None, None, 0))(p, xi, zi)
+        return lj, lq
+
+    return jax.vmap(per_example, in_axes=(None, 0, 0))(params, x, particles)
+
+
+def safe_log_weights(lj, lq):
+    lw = lj - lq
+    return jnp.where(jnp.isnan(lw), -jnp.inf, lw)
+
+
+def log_mean_exp(lw, axis=-1):
+    """log (1/S) sum exp(lw) along ``axis``; -inf only if every weight is zero."""
+    return logsumexp(lw, axis=axis) - math.log(lw.shape[axis])
+
+
+def encoder_loss(model: LatentVariableModel, params, x, keys, num: int, objective: str,
+                 freeze_theta: bool = True):
+    r"""Reparameterised bound loss, mean over lanes; by default log_joint's parameters held fixed.
+
+    ``"elbo"``: -mean_s log w_s; ``"iwae"``: -log (1/S) sum_s w_s, with z_s = g_phi(eps_s) and
+    log w_s = log p_{sg(theta)}(x, z_s) - log q_phi(z_s | x). With ``freeze_theta=False`` theta is
+    not frozen: the textbook VAE / IWAE loss whose one backward pass gives theta and phi together.
+    Returns ``(loss, log_w)`` with log_w of shape (B, C, num).
+    """
+    z = sample_lanes(model, params, x, keys, num)
+    frozen = jax.lax.stop_gradient(params) if freeze_theta else params
+    lj = jax.vmap(jax.vmap(jax.vmap(lambda xi, zz: model.log_joint(frozen, xi, zz), (None, 0)),
+                           (None, 0)))(x, z)
+    _, lq = eval_lanes(model, params, x, z)
+    lw = safe_log_weights(lj, lq)
+    if objective == "elbo":
+        per_lane = jnp.mean(lw, axis=-1)
+    elif objective == "iwae":
+        per_lane = log_mean_exp(lw)
+    else:  # pragma: no cover - guarded by check_encoder_objective
+        raise ValueError(objective)
+    return -jnp.mean(per_lane), lw
+
+
+def encoder_loss_joint(model: LatentVariableModel, params, x, keys, num: int, objective: str):
+    """The textbook fused loss: :func:`encoder_loss` with theta not frozen."""
+    return encoder_loss(model, params, x, keys, num, objective, freeze_theta=False)
+
+
+def base_info(batch_size: int, num_chains: int, bound, num_log_joint_evals):
+    """The info dict every estimator returns (zeros where a field has no meaning for it)."""
+    zeros = jnp.zeros((batch_size, num_chains), jnp.int32)
+    return {
+        "meeting_time": zeros,
+        "num_iters": zeros,
+        "capped": jnp.zeros((batch_size, num_chains), bool),
+        "num_log_joint_evals": jnp.asarray(num_log_joint_evals, jnp.int32),
+        "bound": bound,
+    }

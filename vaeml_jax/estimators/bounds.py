@@ -1,0 +1,109 @@
+r"""The lower-bound baselines: the standard VAE (ELBO) and the IWAE, behind the common interface.
+
+Both return ``grads, info = grad_fn(params, x, key)`` like :func:`make_unbiased_grad`. On the
+parameters ``log_joint`` reads (theta) ``grads`` is the gradient of the LOSS
+
+.. math:: -\frac1B \sum_i \mathcal L(x_i),
+
+with \mathcal L the ELBO or the IWAE-S bound, i.e. a biased estimate of -\nabla_\theta \log p(x)
+(the bias is what the unbiased estimator removes). On parameters only the proposal reads (phi) it
+is the gradient of the chosen encoder objective with theta held fixed; ``None`` gives zeros there.
+A parameter read by both functions receives the sum of the two.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from vaeml_jax.estimators import _common
+from vaeml_jax.model import LatentVariableModel, check_batch, check_model
+
+__all__ = ["make_iwae_grad", "make_elbo_grad"]
+
+
+def _make_bound_grad(model, num_particles: int, encoder_objective, bound: str):
+    fused = encoder_objective == bound  # the textbook estimator: one surrogate, one backward pass
+
+    def grad_fn(params, x, key):
+        check_batch(model, params, x)
+        key = _common.as_key(key)
+        batch = x.shape[0]
+        keys = _common.lane_keys(key, batch, 1)
+
+        def loss_fn(p):
+            if fused:
+                loss, lw = _common.encoder_loss_joint(model, p, x, keys, num_particles, bound)
+                return loss, lw
+            z = jax.lax.stop_gradient(_common.sample_lanes(model, p, x, keys, num_particles))
+            lj, lq = _common.eval_lanes(model, p, x, z)
+            lw = _common.safe_log_weights(lj, lq)
+            if bound == "iwae":
+                coef = jax.nn.softmax(lw, axis=-1)
+            else:
+                coef = jnp.full_like(lw, 1.0 / num_particles)
+            coef = jax.lax.stop_gradient(coef)
+            loss = -jnp.sum(coef * lj) / batch
+            if encoder_objective == "inclusive_kl":
+                loss = loss - jnp.sum(coef * lq) / batch
+            elif encoder_objective is not None:
+                enc, _ = _common.encoder_loss(model, p, x, keys, num_particles, encoder_objective)
+                loss = loss + enc
+            return loss, lw
+
+        grads, lw = jax.grad(loss_fn, has_aux=True)(params)
+        lw = jax.lax.stop_gradient(lw)
+        per_example = _common.log_mean_exp(lw) if bound == "iwae" else jnp.mean(lw, axis=-1)
+        info = _common.base_info(batch, 1, per_example[:, 0], batch * num_particles)
+        return grads, info
+
+    return grad_fn
+
+
+def make_iwae_grad(model: LatentVariableModel, num_particles: int = 10,
+                   encoder_objective: str | None = "iwae"):
+    r"""IWAE gradient estimator (Burda, Grosse & Salakhutdinov, 2016).
+
+    theta: h(Z) = \sum_s \bar w_s \nabla_\theta \log p(x, z_s) with Z ~ q^S, whose expectation is
+    the gradient of the IWAE-S bound, not of \log p(x) (bias O(1/S)).
+
+    Args:
+      model: a :class:`LatentVariableModel`.
+      num_particles: S >= 1 importance samples per example.
+      encoder_objective: ``"iwae"`` (default, the bound itself by reparameterisation; then theta
+        and phi come from a single backward pass), ``"elbo"``, ``"inclusive_kl"`` (the
+        reweighted-wake-sleep update -\sum_s \bar w_s \nabla_\phi \log q(z_s|x), self-normalised
+        and hence biased) or None.
+
+    Returns:
+      ``grad_fn(params, x, key) -> (grads, info)`` with x of shape (B, ...). ``info``: per example
+      ``bound`` (B,) the IWAE-S bound of the draw, ``meeting_time``/``num_iters``/``capped`` (B, 1)
+      zeros (no chains), and ``num_log_joint_evals`` = B*S.
+    """
+    check_model(model)
+    num_particles = _common.check_num_particles(num_particles, cis_based=False)
+    _common.check_encoder_objective(encoder_objective)
+    return _make_bound_grad(model, num_particles, encoder_objective, "iwae")
+
+
+def make_elbo_grad(model: LatentVariableModel, encoder_objective: str | None = "elbo",
+                   num_samples: int = 1):
+    r"""Standard VAE gradient (Kingma & Welling, 2014): the ELBO by reparameterisation.
+
+    theta: (1/S) \sum_s \nabla_\theta \log p(x, z_s), z_s ~ q; the gradient of the ELBO, biased
+    for \nabla_\theta \log p(x) by the posterior mismatch.
+
+    Args:
+      model: a :class:`LatentVariableModel`.
+      encoder_objective: ``"elbo"`` (default, the standard VAE: one backward pass), ``"iwae"``,
+        ``"inclusive_kl"`` or None.
+      num_samples: Monte-Carlo samples of z per example (default 1).
+
+    Returns:
+      ``grad_fn(params, x, key) -> (grads, info)``; ``info["bound"]`` is the per-example ELBO
+      estimate and ``num_log_joint_evals`` = B * num_samples.
+    """
+    check_model(model)
+    num_samples = _common.check_int("num_samples", num_samples, 1)
+    _common.check_encoder_objective(encoder_objective)
+    return _make_bound_grad(model, num_samples, encoder_objective, "elbo")

@@ -1,0 +1,105 @@
+"""The model interface every estimator takes: three pure functions over a params pytree.
+
+A :class:`LatentVariableModel` describes one example ``x`` and one latent ``z`` at a time; the
+estimators vmap it over particles, chains and the batch. Nothing here depends on Flax: any model
+written as plain functions of a params pytree plugs in.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = ["LatentVariableModel", "log_weights", "check_model", "check_batch"]
+
+Array = jax.Array
+Params = Any
+
+
+class LatentVariableModel(NamedTuple):
+    """A latent-variable model p_theta(x, z) with a reparameterised proposal q_phi(z | x).
+
+    Attributes:
+      log_joint: ``(params, x, z) -> scalar``, log p_theta(x, z) for ONE example ``x`` and ONE
+        latent ``z`` of shape ``latent_shape``.
+      sample_proposal: ``(params, x, key, num) -> (num, *latent_shape)``: ``num`` draws
+        z ~ q_phi(z | x), reparameterised (differentiable in ``params``). ``num`` is a Python int.
+      log_proposal: ``(params, x, z) -> scalar``, log q_phi(z | x).
+
+    Both theta (the parameters ``log_joint`` reads) and phi (those the proposal reads) live in the
+    one ``params`` pytree; the estimators tell them apart only by which function uses them.
+    """
+
+    log_joint: Callable[[Params, Array, Array], Array]
+    sample_proposal: Callable[[Params, Array, Array, int], Array]
+    log_proposal: Callable[[Params, Array, Array], Array]
+
+
+def log_weights(model: LatentVariableModel, params: Params, x: Array, particles: Array):
+    """Log joint, log proposal and log importance weights of ``particles`` (S, *latent) for one x.
+
+    Returns:
+      ``(log_joint, log_proposal, log_weight)``, each of shape (S,). A particle whose joint density
+      is zero gets log weight -inf and is never resampled; NaN log weights are mapped to -inf so one
+      bad particle cannot poison the normaliser.
+    """
+    lj = jax.vmap(model.log_joint, in_axes=(None, None, 0))(params, x, particles)
+    lq = jax.vmap(model.log_proposal, in_axes=(None, None, 0))(params, x, particles)
+    lw = lj - lq
+    lw = jnp.where(jnp.isnan(lw), -jnp.inf, lw)
+    return lj, lq, lw
+
+
+def check_model(model: Any) -> LatentVariableModel:
+    """Validate that ``model`` is a LatentVariableModel of callables (at construction time)."""
+    if not isinstance(model, LatentVariableModel):
+        raise TypeError(
+            "model must be a vaeml_jax.LatentVariableModel(log_joint=..., sample_proposal=..., "
+            f"log_proposal=...), got {type(model).__name__}."
+        )
+    for name in LatentVariableModel._fields:
+        if not callable(getattr(model, name)):
+            raise TypeError(f"LatentVariableModel.{name} must be callable, got {getattr(model, name)!r}.")
+    return model
+
+
+def check_batch(model: LatentVariableModel, params: Params, x: Any) -> tuple:
+    """Trace-time checks of one call: batch axis, finiteness (when x is concrete), function shapes.
+
+    Returns ``(latent_shape, latent_dtype)``. Raises ValueError / TypeError that name the problem.
+    """
+    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+        raise TypeError(f"x must be an array with a leading batch axis, got {type(x).__name__}.")
+    if x.ndim < 1 or x.shape[0] < 1:
+        raise ValueError(f"x must have a leading batch axis of size >= 1, got shape {x.shape}.")
+    if not isinstance(x, jax.core.Tracer):
+        xn = np.asarray(x)
+        if np.issubdtype(xn.dtype, np.floating) and not np.all(np.isfinite(xn)):
+            bad = int(np.sum(~np.isfinite(xn)))
+            raise ValueError(f"x contains {bad} non-finite values (NaN or inf); clean the data first.")
+    x0 = jax.ShapeDtypeStruct(x.shape[1:], x.dtype)
+    k0 = jax.eval_shape(lambda: jax.random.key(0))
+    try:
+        z = jax.eval_shape(lambda p, xx, kk: model.sample_proposal(p, xx, kk, 2), params, x0, k0)
+    except Exception as e:  # re-raised with the function named, the cause chained
+        raise ValueError(f"model.sample_proposal(params, x[0], key, 2) failed on x[0] of shape "
+                         f"{x.shape[1:]}: {e}") from e
+    if not hasattr(z, "shape") or z.ndim < 1 or z.shape[0] != 2:
+        raise ValueError("model.sample_proposal(params, x, key, num) must return an array of shape "
+                         f"(num, *latent_shape); with num=2 it returned {getattr(z, 'shape', z)}.")
+    z1 = jax.ShapeDtypeStruct(z.shape[1:], z.dtype)
+    for name in ("log_joint", "log_proposal"):
+        fn = getattr(model, name)
+        try:
+            out = jax.eval_shape(fn, params, x0, z1)
+        except Exception as e:
+            raise ValueError(f"model.{name}(params, x, z) failed for one example x of shape "
+                             f"{x.shape[1:]} and one latent z of shape {z.shape[1:]}: {e}") from e
+        if not hasattr(out, "shape") or out.shape != ():
+            raise ValueError(f"model.{name}(params, x, z) must return a scalar for ONE example and ONE "
+                             f"latent; it returned shape {getattr(out, 'shape', out)} (did you pass a "
+                             "batch? the estimators vmap for you).")
+    return z.shape[1:], z.dtype
