@@ -55,7 +55,7 @@ class CISInfo(NamedTuple):
 
 
 def normalized_weights(log_w: jax.Array) -> jax.Array:
-    """Self-normalised weights softmax(log w) along the last axis; all -inf gives uniform, not NaN."""
+    """Self-normalised weights softmax(log w) on the last axis; all -inf gives uniform, not NaN."""
     all_bad = jnp.all(jnp.isneginf(log_w), axis=-1, keepdims=True)
     log_w = jnp.where(all_bad, jnp.zeros_like(log_w), log_w)
     return jax.nn.softmax(log_w, axis=-1)
@@ -84,7 +84,9 @@ def build_kernel(model: LatentVariableModel, num_particles: int):
         key_index, key_fresh = jax.random.split(key)
         index = jax.random.categorical(key_index, state.log_weights)
         index = jnp.where(jnp.all(jnp.isneginf(state.log_weights)), 0, index)
-        fresh = jax.lax.stop_gradient(model.sample_proposal(params, x, key_fresh, num_particles - 1))
+        fresh = jax.lax.stop_gradient(
+            model.sample_proposal(params, x, key_fresh, num_particles - 1)
+        )
         lj_f, lq_f, _ = log_weights(model, params, x, fresh)
         particles = jnp.concatenate([state.particles[index][None], fresh], axis=0)
         new = CISState(

@@ -7,7 +7,8 @@ written as plain functions of a params pytree plugs in.
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -62,7 +63,9 @@ def check_model(model: Any) -> LatentVariableModel:
         )
     for name in LatentVariableModel._fields:
         if not callable(getattr(model, name)):
-            raise TypeError(f"LatentVariableModel.{name} must be callable, got {getattr(model, name)!r}.")
+            raise TypeError(
+                f"LatentVariableModel.{name} must be callable, got {getattr(model, name)!r}."
+            )
     return model
 
 
@@ -79,27 +82,37 @@ def check_batch(model: LatentVariableModel, params: Params, x: Any) -> tuple:
         xn = np.asarray(x)
         if np.issubdtype(xn.dtype, np.floating) and not np.all(np.isfinite(xn)):
             bad = int(np.sum(~np.isfinite(xn)))
-            raise ValueError(f"x contains {bad} non-finite values (NaN or inf); clean the data first.")
+            raise ValueError(
+                f"x contains {bad} non-finite values (NaN or inf); clean the data first."
+            )
     x0 = jax.ShapeDtypeStruct(x.shape[1:], x.dtype)
     k0 = jax.eval_shape(lambda: jax.random.key(0))
     try:
         z = jax.eval_shape(lambda p, xx, kk: model.sample_proposal(p, xx, kk, 2), params, x0, k0)
     except Exception as e:  # re-raised with the function named, the cause chained
-        raise ValueError(f"model.sample_proposal(params, x[0], key, 2) failed on x[0] of shape "
-                         f"{x.shape[1:]}: {e}") from e
+        raise ValueError(
+            f"model.sample_proposal(params, x[0], key, 2) failed on x[0] of shape "
+            f"{x.shape[1:]}: {e}"
+        ) from e
     if not hasattr(z, "shape") or z.ndim < 1 or z.shape[0] != 2:
-        raise ValueError("model.sample_proposal(params, x, key, num) must return an array of shape "
-                         f"(num, *latent_shape); with num=2 it returned {getattr(z, 'shape', z)}.")
+        raise ValueError(
+            "model.sample_proposal(params, x, key, num) must return an array of shape "
+            f"(num, *latent_shape); with num=2 it returned {getattr(z, 'shape', z)}."
+        )
     z1 = jax.ShapeDtypeStruct(z.shape[1:], z.dtype)
     for name in ("log_joint", "log_proposal"):
         fn = getattr(model, name)
         try:
             out = jax.eval_shape(fn, params, x0, z1)
         except Exception as e:
-            raise ValueError(f"model.{name}(params, x, z) failed for one example x of shape "
-                             f"{x.shape[1:]} and one latent z of shape {z.shape[1:]}: {e}") from e
+            raise ValueError(
+                f"model.{name}(params, x, z) failed for one example x of shape "
+                f"{x.shape[1:]} and one latent z of shape {z.shape[1:]}: {e}"
+            ) from e
         if not hasattr(out, "shape") or out.shape != ():
-            raise ValueError(f"model.{name}(params, x, z) must return a scalar for ONE example and ONE "
-                             f"latent; it returned shape {getattr(out, 'shape', out)} (did you pass a "
-                             "batch? the estimators vmap for you).")
+            raise ValueError(
+                f"model.{name}(params, x, z) must return a scalar for ONE example and ONE "
+                f"latent; it returned shape {getattr(out, 'shape', out)} (did you pass a "
+                "batch? the estimators vmap for you)."
+            )
     return z.shape[1:], z.dtype

@@ -24,11 +24,14 @@ __all__ = [
 
 
 def _normal_logpdf(x, mean, log_std):
-    return jnp.sum(-0.5 * ((x - mean) / jnp.exp(log_std)) ** 2 - log_std - 0.5 * math.log(2 * math.pi))
+    return jnp.sum(
+        -0.5 * ((x - mean) / jnp.exp(log_std)) ** 2 - log_std - 0.5 * math.log(2 * math.pi)
+    )
 
 
 def linear_gaussian_model() -> LatentVariableModel:
-    """params = {"decoder": {W (D, d), b (D,), log_s ()}, "encoder": {A (d, D), c (d,), log_sigma (d,)}}."""
+    """The model; params = {"decoder": {W (D, d), b (D,), log_s ()},
+    "encoder": {A (d, D), c (d,), log_sigma (d,)}}."""
 
     def log_joint(params, x, z):
         dec = params["decoder"]
@@ -52,8 +55,9 @@ def linear_gaussian_model() -> LatentVariableModel:
     return LatentVariableModel(log_joint, sample_proposal, log_proposal)
 
 
-def linear_gaussian_params(key, data_dim: int = 3, latent_dim: int = 2, dtype=jnp.float32,
-                           proposal_quality: float = 0.5):
+def linear_gaussian_params(
+    key, data_dim: int = 3, latent_dim: int = 2, dtype=jnp.float32, proposal_quality: float = 0.5
+):
     """Random decoder; an encoder equal to the exact posterior's mean map, perturbed.
 
     ``proposal_quality`` in [0, 1]: 1 gives the exact posterior mean and std (perfect proposal),

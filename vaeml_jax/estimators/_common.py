@@ -1,15 +1,17 @@
-"""Pieces shared by the gradient estimators: argument checks, keys, batched evaluation, objectives."""
+"""Shared pieces of the gradient estimators: argument checks, keys, batched evaluation, losses."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 from jax.scipy.special import logsumexp
 
-from vaeml_jax.model import LatentVariableModel
+from vaeml_jax.model import LatentVariableModel, check_batch
 
 ENCODER_OBJECTIVES = ("elbo", "iwae", "inclusive_kl")
 
@@ -25,15 +27,21 @@ def check_int(name: str, value, minimum: int, why: str = "") -> int:
 
 def check_num_particles(num_particles, cis_based: bool) -> int:
     if cis_based:
-        return check_int("num_particles", num_particles, 2,
-                         " for the CIS-based estimators (with one particle the kernel never moves)")
+        return check_int(
+            "num_particles",
+            num_particles,
+            2,
+            " for the CIS-based estimators (with one particle the kernel never moves)",
+        )
     return check_int("num_particles", num_particles, 1)
 
 
 def check_encoder_objective(encoder_objective):
     if encoder_objective is not None and encoder_objective not in ENCODER_OBJECTIVES:
-        raise ValueError(f"encoder_objective must be one of {ENCODER_OBJECTIVES} or None, "
-                         f"got {encoder_objective!r}.")
+        raise ValueError(
+            f"encoder_objective must be one of {ENCODER_OBJECTIVES} or None, "
+            f"got {encoder_objective!r}."
+        )
     return encoder_objective
 
 
@@ -41,8 +49,10 @@ def as_key(key) -> jax.Array:
     """Accept a new-style key (jax.random.key) or a legacy uint32[2] key; refuse anything else."""
     if isinstance(key, jax.Array) and jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
         if key.shape != ():
-            raise ValueError(f"key must be ONE PRNG key, got a key array of shape {key.shape}; "
-                             "the estimator splits it per example itself.")
+            raise ValueError(
+                f"key must be ONE PRNG key, got a key array of shape {key.shape}; "
+                "the estimator splits it per example itself."
+            )
         return key
     if hasattr(key, "dtype") and key.dtype == jnp.uint32 and getattr(key, "shape", None) == (2,):
         return jax.random.wrap_key_data(key)
@@ -81,8 +91,9 @@ def log_mean_exp(lw, axis=-1):
     return logsumexp(lw, axis=axis) - math.log(lw.shape[axis])
 
 
-def encoder_loss(model: LatentVariableModel, params, x, keys, num: int, objective: str,
-                 freeze_theta: bool = True):
+def encoder_loss(
+    model: LatentVariableModel, params, x, keys, num: int, objective: str, freeze_theta: bool = True
+):
     r"""Reparameterised bound loss, mean over lanes; by default log_joint's parameters held fixed.
 
     ``"elbo"``: -mean_s log w_s; ``"iwae"``: -log (1/S) sum_s w_s, with z_s = g_phi(eps_s) and
@@ -92,8 +103,9 @@ def encoder_loss(model: LatentVariableModel, params, x, keys, num: int, objectiv
     """
     z = sample_lanes(model, params, x, keys, num)
     frozen = jax.lax.stop_gradient(params) if freeze_theta else params
-    lj = jax.vmap(jax.vmap(jax.vmap(lambda xi, zz: model.log_joint(frozen, xi, zz), (None, 0)),
-                           (None, 0)))(x, z)
+    lj = jax.vmap(
+        jax.vmap(jax.vmap(lambda xi, zz: model.log_joint(frozen, xi, zz), (None, 0)), (None, 0))
+    )(x, z)
     _, lq = eval_lanes(model, params, x, z)
     lw = safe_log_weights(lj, lq)
     if objective == "elbo":
@@ -120,3 +132,23 @@ def base_info(batch_size: int, num_chains: int, bound, num_log_joint_evals):
         "num_log_joint_evals": jnp.asarray(num_log_joint_evals, jnp.int32),
         "bound": bound,
     }
+
+
+@dataclasses.dataclass(frozen=True)
+class GradientEstimator:
+    """A gradient estimator: ``grads, info = estimator(params, x, key)``.
+
+    ``with_lane_keys(params, x, keys)`` is the same computation given one key per (example, chain),
+    shape (B, num_chains): the randomness of an example then does not depend on where it sits in
+    the batch, which is what data-parallel sharding (vaeml_jax.distributed) relies on.
+    """
+
+    name: str
+    num_chains: int
+    with_lane_keys: Callable
+    model: LatentVariableModel
+
+    def __call__(self, params, x, key):
+        check_batch(self.model, params, x)
+        keys = lane_keys(as_key(key), x.shape[0], self.num_chains)
+        return self.with_lane_keys(params, x, keys)

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from vaeml_jax.estimators import _common
-from vaeml_jax.model import LatentVariableModel, check_batch, check_model
+from vaeml_jax.model import LatentVariableModel, check_model
 
 __all__ = ["make_iwae_grad", "make_elbo_grad"]
 
@@ -25,11 +25,8 @@ __all__ = ["make_iwae_grad", "make_elbo_grad"]
 def _make_bound_grad(model, num_particles: int, encoder_objective, bound: str):
     fused = encoder_objective == bound  # the textbook estimator: one surrogate, one backward pass
 
-    def grad_fn(params, x, key):
-        check_batch(model, params, x)
-        key = _common.as_key(key)
+    def grad_fn(params, x, keys):
         batch = x.shape[0]
-        keys = _common.lane_keys(key, batch, 1)
 
         def loss_fn(p):
             if fused:
@@ -57,11 +54,12 @@ def _make_bound_grad(model, num_particles: int, encoder_objective, bound: str):
         info = _common.base_info(batch, 1, per_example[:, 0], batch * num_particles)
         return grads, info
 
-    return grad_fn
+    return _common.GradientEstimator(bound, 1, grad_fn, model)
 
 
-def make_iwae_grad(model: LatentVariableModel, num_particles: int = 10,
-                   encoder_objective: str | None = "iwae"):
+def make_iwae_grad(
+    model: LatentVariableModel, num_particles: int = 10, encoder_objective: str | None = "iwae"
+):
     r"""IWAE gradient estimator (Burda, Grosse & Salakhutdinov, 2016).
 
     theta: h(Z) = \sum_s \bar w_s \nabla_\theta \log p(x, z_s) with Z ~ q^S, whose expectation is
@@ -86,8 +84,9 @@ def make_iwae_grad(model: LatentVariableModel, num_particles: int = 10,
     return _make_bound_grad(model, num_particles, encoder_objective, "iwae")
 
 
-def make_elbo_grad(model: LatentVariableModel, encoder_objective: str | None = "elbo",
-                   num_samples: int = 1):
+def make_elbo_grad(
+    model: LatentVariableModel, encoder_objective: str | None = "elbo", num_samples: int = 1
+):
     r"""Standard VAE gradient (Kingma & Welling, 2014): the ELBO by reparameterisation.
 
     theta: (1/S) \sum_s \nabla_\theta \log p(x, z_s), z_s ~ q; the gradient of the ELBO, biased

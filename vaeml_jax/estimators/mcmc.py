@@ -15,7 +15,7 @@ import jax.numpy as jnp
 
 from vaeml_jax.cis import normalized_weights
 from vaeml_jax.estimators import _common
-from vaeml_jax.model import LatentVariableModel, check_batch, check_model
+from vaeml_jax.model import LatentVariableModel, check_model
 
 __all__ = ["make_mcmc_grad"]
 
@@ -55,12 +55,9 @@ def make_mcmc_grad(
     n = T - b + 1
     burn_only = max(b, 1) - 1  # transitions before the first averaged state (t = 1 .. b-1)
 
-    def grad_fn(params, x, key):
-        check_batch(model, params, x)
-        key = _common.as_key(key)
+    def grad_fn(params, x, keys):
         B = x.shape[0]
         scale = -1.0 / B
-        keys = _common.lane_keys(key, B, 1)
         split = jax.vmap(jax.vmap(lambda kk: jax.random.split(kk, 2)))(keys)
         key_x0, key_loop = split[..., 0], split[..., 1]
 
@@ -84,7 +81,9 @@ def make_mcmc_grad(
             idx = jax.vmap(jax.vmap(jax.random.categorical))(pair[..., 0], lw)
             idx = jnp.where(jnp.all(jnp.isneginf(lw), axis=-1), 0, idx)
             kept = jax.vmap(jax.vmap(lambda a, i: a[i]))(z, idx)[:, :, None]
-            fresh = jax.lax.stop_gradient(_common.sample_lanes(model, params, x, pair[..., 1], S - 1))
+            fresh = jax.lax.stop_gradient(
+                _common.sample_lanes(model, params, x, pair[..., 1], S - 1)
+            )
             return kept, fresh, idx
 
         def gather_last(a, idx):
@@ -113,12 +112,13 @@ def make_mcmc_grad(
             carry, _ = jax.lax.scan(burn_step, carry, jnp.arange(1, burn_only + 1))
         first_avg = max(b, 1)
         if T >= first_avg:
-            (_, _, _, grads), _ = jax.lax.scan(avg_step, (*carry, grads),
-                                               jnp.arange(first_avg, T + 1))
+            (_, _, _, grads), _ = jax.lax.scan(
+                avg_step, (*carry, grads), jnp.arange(first_avg, T + 1)
+            )
         bound = _common.log_mean_exp(lw0)[:, 0]
         evals = B * (S + (S - 1) * burn_only + S * max(T - first_avg + 1, 0))
         info = _common.base_info(B, 1, bound, evals)
         info["num_iters"] = jnp.full((B, 1), T, jnp.int32)
         return grads, info
 
-    return grad_fn
+    return _common.GradientEstimator("mcmc", 1, grad_fn, model)

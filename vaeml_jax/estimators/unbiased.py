@@ -36,10 +36,10 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from vaeml_jax.coupling import chain_views, coupled_select
 from vaeml_jax.cis import normalized_weights
+from vaeml_jax.coupling import chain_views, coupled_select
 from vaeml_jax.estimators import _common
-from vaeml_jax.model import LatentVariableModel, check_batch, check_model
+from vaeml_jax.model import LatentVariableModel, check_model
 
 __all__ = ["make_unbiased_grad", "jacob_coefficients"]
 
@@ -118,18 +118,19 @@ def make_unbiased_grad(
     if k > m:
         raise ValueError(f"k must be <= m for H_{{k:m}}, got k={k} > m={m}.")
     C = _common.check_int("num_chains", num_chains, 1)
-    max_iters = _common.check_int("max_iters", max_iters, max(m, 1),
-                                  " (it must at least reach m, else the MCMC average is truncated)")
+    max_iters = _common.check_int(
+        "max_iters",
+        max_iters,
+        max(m, 1),
+        " (it must at least reach m, else the MCMC average is truncated)",
+    )
     _common.check_encoder_objective(encoder_objective)
     inclusive = encoder_objective == "inclusive_kl"
     reparam_objective = encoder_objective in ("elbo", "iwae")
 
-    def unbiased_grad(params, x, key):
-        check_batch(model, params, x)
-        key = _common.as_key(key)
+    def unbiased_grad(params, x, keys):
         B = x.shape[0]
         scale = -1.0 / (B * C)  # loss = -(1/B) sum_i mean_c H_{k:m}
-        keys = _common.lane_keys(key, B, C)
         split = jax.vmap(jax.vmap(lambda kk: jax.random.split(kk, 4)))(keys)
         key_x0, key_y0, key_sel, key_loop = (split[..., i] for i in range(4))
 
@@ -147,7 +148,7 @@ def make_unbiased_grad(
         (lj0, lq0, _), init_vjp, z0 = jax.vjp(init_fn, params, has_aux=True)
         dtype = lj0.dtype
         lw0 = _common.safe_log_weights(lj0, lq0)
-        lw_x0, lw_y0 = lw0[..., :S], lw0[..., S:]
+        lw_x0 = lw0[..., :S]
         wx0 = normalized_weights(lw_x0)
         b = jax.vmap(jax.vmap(jax.random.categorical))(key_sel, lw_x0)  # (B, C)
         b = jnp.where(jnp.all(jnp.isneginf(lw_x0), axis=-1), 0, b)
@@ -181,10 +182,13 @@ def make_unbiased_grad(
             pair = jax.vmap(jax.vmap(lambda kk: jax.random.split(kk, 2)))(step_keys)
             lw = _common.safe_log_weights(state.log_joint, state.log_proposal)
             i, j, _ = jax.vmap(jax.vmap(coupled_select))(pair[..., 0], lw, state.met)
-            fresh = jax.lax.stop_gradient(_common.sample_lanes(model, params, x, pair[..., 1], S - 1))
+            fresh = jax.lax.stop_gradient(
+                _common.sample_lanes(model, params, x, pair[..., 1], S - 1)
+            )
             atoms = jnp.concatenate(
                 [gather(state.atoms, i)[:, :, None], gather(state.atoms, j)[:, :, None], fresh],
-                axis=2)
+                axis=2,
+            )
 
             def eval_fn(p):
                 return _common.eval_lanes(model, p, x, atoms)
@@ -211,8 +215,16 @@ def make_unbiased_grad(
                 grads=jax.tree.map(jnp.add, state.grads, g),
             )
 
-        init_state = _LoopState(atoms1, lj1, lq1, met1, t1, jnp.zeros((B, C), jnp.int32),
-                                jnp.zeros((), jnp.int32), grads0)
+        init_state = _LoopState(
+            atoms1,
+            lj1,
+            lq1,
+            met1,
+            t1,
+            jnp.zeros((B, C), jnp.int32),
+            jnp.zeros((), jnp.int32),
+            grads0,
+        )
         final = jax.lax.while_loop(cond, body, init_state)
 
         capped = ~final.met
@@ -223,7 +235,7 @@ def make_unbiased_grad(
         info.update(meeting_time=meeting_time, num_iters=final.t - 1, capped=capped)
         return final.grads, info
 
-    return unbiased_grad
+    return _common.GradientEstimator("unbiased", C, unbiased_grad, model)
 
 
 def _atom_coefficients(lj, lq, met, t, k, m):
