@@ -1,0 +1,392 @@
+"""The ``vaeml`` command line: ``vaeml train``, ``vaeml evaluate DIR``, ``vaeml plot DIR``.
+
+Every error a user can cause (an unknown dataset or estimator, a missing or corrupt data file, an
+output directory holding another run, data the model cannot take, k > m, a diverging run, an
+unreadable checkpoint) ends with one line ``vaeml: error: ...`` on stderr and exit status 1 (2 for
+command-line syntax errors), never a traceback. Set ``VAEML_DEBUG=1`` to get the traceback.
+
+Config precedence for ``vaeml train``: built-in defaults < the stored ``config.json`` (with
+``--resume``) < ``--config FILE`` (JSON) < flags given on the command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+__all__ = ["main", "build_parser"]
+
+EVAL_FILE = "eval.json"
+
+
+class CLIError(Exception):
+    """A user-facing error (printed as one line, exit status 1)."""
+
+
+# ------------------------------------------------------------------------------------------------
+# Parser
+# ------------------------------------------------------------------------------------------------
+def _positive_int(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {s!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {v}")
+    return v
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from vaeml_jax import __version__
+
+    p = argparse.ArgumentParser(
+        prog="vaeml",
+        description="Fit VAEs by maximum likelihood with unbiased gradients from coupled CIS "
+        "chains (Ruiz et al., UAI 2021), or with the ELBO / IWAE / MCMC baselines.",
+    )
+    p.add_argument("--version", action="version", version=f"vaeml-jax {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="{train,evaluate,plot}")
+    sub.required = True
+
+    S = argparse.SUPPRESS  # train flags: absent unless given, so config files can fill them
+    t = sub.add_parser(
+        "train",
+        help="train a VAE (defaults: the paper-sized model on MNIST, unbiased estimator)",
+        description="Train a VAE; writes config.json, metrics.jsonl, meeting_times.npy and "
+        "checkpoints/ into --out. Flags override --config, which overrides the stored config "
+        "(with --resume), which overrides the defaults.",
+        argument_default=S,
+    )
+    g = t.add_argument_group("run")
+    g.add_argument("--out", metavar="DIR", help="run directory (runs/DATASET-ESTIMATOR-sSEED)")
+    g.add_argument("--config", metavar="FILE", help="JSON file of options (keys as the flags)")
+    g.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out up to --epochs epochs in total (from its last checkpoint)",
+    )
+    g.add_argument("--seed", type=_positive_int, help="random seed (default 0)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g = t.add_argument_group("data")
+    g.add_argument("--dataset", help="mnist (default) or another of vaeml_jax.data.DATASETS")
+    g.add_argument(
+        "--data-dir",
+        metavar="DIR",
+        help="data folder (default $VAEML_DATA_DIR, then the packaged MNIST, then tfds)",
+    )
+    g.add_argument("--binarization", help="dynamic (default: resampled every batch) or static")
+    g.add_argument(
+        "--max-train-examples",
+        type=_positive_int,
+        metavar="N",
+        help="use only the first N training examples (quick runs)",
+    )
+    g = t.add_argument_group("estimator")
+    g.add_argument("--estimator", help="unbiased (default), elbo, iwae, mcmc (sumo if installed)")
+    g.add_argument(
+        "--num-particles", "-S", type=_positive_int, metavar="S", help="particles S (default 10)"
+    )
+    g.add_argument("--k", type=_positive_int, help="H_{k:m} window start k (default 0)")
+    g.add_argument("--m", type=_positive_int, help="H_{k:m} window end m >= k (default 0)")
+    g.add_argument("--num-chains", type=_positive_int, help="coupled pairs per example (default 1)")
+    g.add_argument("--max-iters", type=_positive_int, help="coupled-iteration cap (1000)")
+    g.add_argument(
+        "--num-slots",
+        type=_positive_int,
+        help="unbiased: work-queue slots (default: all lanes advance together)",
+    )
+    g.add_argument("--num-steps", type=_positive_int, help="mcmc: CIS steps after X_0 (default 5)")
+    g.add_argument("--burn-in", type=_positive_int, help="mcmc: steps not averaged (default 0)")
+    g.add_argument(
+        "--encoder-objective",
+        help="auto (default: elbo for --estimator elbo, else iwae), elbo, iwae, inclusive_kl, none",
+    )
+    g = t.add_argument_group("model")
+    g.add_argument("--hidden", help="hidden layer widths, e.g. 200,200 (default)")
+    g.add_argument("--latent-dim", type=_positive_int, help="latent dimension (default 50)")
+    g.add_argument(
+        "--two-layer",
+        action=argparse.BooleanOptionalAction,
+        help="two stochastic layers (default: one)",
+    )
+    g.add_argument("--likelihood", help="bernoulli (default) or gaussian")
+    g = t.add_argument_group("optimisation")
+    g.add_argument(
+        "--epochs",
+        type=_positive_int,
+        help="total epochs (default 100; 3280 with --schedule iwae)",
+    )
+    g.add_argument("--batch-size", type=_positive_int, help="minibatch size (default 100)")
+    g.add_argument("--lr", type=float, help="Adam learning rate (default 1e-3)")
+    g.add_argument(
+        "--schedule",
+        help="constant (default) or iwae (8 stages of 3^(i-1) epochs, lr*10^(-(i-1)/7))",
+    )
+    g = t.add_argument_group("monitoring and checkpoints")
+    g.add_argument(
+        "--eval-every",
+        type=_positive_int,
+        metavar="N",
+        help="estimate the test log-likelihood every N epochs (default 0: never)",
+    )
+    g.add_argument("--eval-num-samples", type=_positive_int, help="K for --eval-every (100)")
+    g.add_argument(
+        "--eval-max-examples", type=_positive_int, help="test examples for --eval-every (1000)"
+    )
+    g.add_argument(
+        "--checkpoint-every",
+        type=_positive_int,
+        metavar="N",
+        help="checkpoint every N epochs (default 1; 0: only at the end)",
+    )
+    g.add_argument("--keep-checkpoints", type=_positive_int, help="checkpoints kept (default 3)")
+
+    e = sub.add_parser(
+        "evaluate",
+        help="test log-likelihood of a trained run (IS with K=5000 by default)",
+        description="Estimate the test log-likelihood of the run in DIR (its latest checkpoint) "
+        "and write DIR/eval.json.",
+    )
+    e.add_argument("run_dir", metavar="DIR")
+    e.add_argument("--num-samples", "-K", type=_positive_int, default=5000, help="K (5000)")
+    e.add_argument("--method", default="is", help="is (importance sampling, default) or ais")
+    e.add_argument("--max-test-examples", type=_positive_int, metavar="N", help="first N only")
+    e.add_argument("--chunk-size", type=_positive_int, default=500, help="samples per chunk (500)")
+    e.add_argument("--batch-size", type=_positive_int, default=100, help="examples per batch (100)")
+    e.add_argument("--elbo-samples", type=_positive_int, default=10, help="for the test ELBO (10)")
+    e.add_argument("--epoch", type=_positive_int, help="checkpoint to evaluate (default: latest)")
+    e.add_argument("--seed", type=_positive_int, default=0, help="sampling seed (0)")
+    e.add_argument("--data-dir", metavar="DIR", help="data folder (default: the run's)")
+    e.add_argument("--output", metavar="FILE", help="where to write (default DIR/eval.json)")
+
+    pl = sub.add_parser(
+        "plot",
+        help="PNG plots of a run: training curves, samples, reconstructions, meeting times",
+        description="Write DIR/plots/{curves,samples,reconstructions,meeting_times}.png.",
+    )
+    pl.add_argument("run_dir", metavar="DIR")
+    pl.add_argument("--out", metavar="PLOTDIR", help="where to write (default DIR/plots)")
+    pl.add_argument("--num-samples", type=_positive_int, default=64, help="samples shown (64)")
+    pl.add_argument("--seed", type=_positive_int, default=0)
+    pl.add_argument("--data-dir", metavar="DIR", help="data folder (default: the run's)")
+    return p
+
+
+# ------------------------------------------------------------------------------------------------
+# Commands
+# ------------------------------------------------------------------------------------------------
+def _resolve_train_config(args: argparse.Namespace):
+    """Defaults < stored config (with --resume) < --config FILE < command-line flags."""
+    from vaeml_jax.train import TrainConfig, read_config
+
+    given = vars(args).copy()
+    for key in ("command", "out", "config", "resume", "no_progress"):
+        given.pop(key, None)
+    cfg = TrainConfig()
+    file_cfg: dict = {}
+    if getattr(args, "config", None):
+        path = Path(args.config)
+        try:
+            file_cfg = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise CLIError(f"config file {path} not found.") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CLIError(f"config file {path} is not valid JSON ({e}).") from None
+        if not isinstance(file_cfg, dict):
+            raise CLIError(f"config file {path} must hold a JSON object of options.")
+        file_cfg = dict(file_cfg)
+        for key in ("out", "resume"):  # allowed in files for convenience
+            if key in file_cfg and key not in vars(args):
+                setattr(args, key, file_cfg[key])
+            file_cfg.pop(key, None)
+    out = getattr(args, "out", None)
+    if getattr(args, "resume", False) and out is not None:
+        stored = read_config(out)
+        if stored is not None:
+            cfg = stored
+    cfg = TrainConfig.from_dict(file_cfg, base=cfg)
+    cfg = TrainConfig.from_dict(given, base=cfg)
+    if out is None:
+        out = f"runs/{cfg.dataset}-{cfg.estimator}-s{cfg.seed}"
+    return cfg, Path(out)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from vaeml_jax.train import train
+
+    cfg, out = _resolve_train_config(args)
+    resume = bool(getattr(args, "resume", False))
+    cfg = cfg.resolved()
+    print(
+        f"vaeml train: {cfg.estimator} estimator (S={cfg.num_particles}"
+        + (f", k={cfg.k}, m={cfg.m}, C={cfg.num_chains}" if cfg.estimator == "unbiased" else "")
+        + f") on {cfg.dataset} ({cfg.binarization}), {cfg.epochs} epochs, batch "
+        f"{cfg.batch_size}, lr {cfg.lr:g} ({cfg.schedule}) -> {out}",
+        file=sys.stderr,
+    )
+    res = train(cfg, out, resume=resume, progress=not getattr(args, "no_progress", False))
+    m = res["metrics"]
+    line = f"trained {res['epoch']} epochs into {out}"
+    if m is not None:
+        line += f"; last epoch objective {m['objective']:.3f}"
+    print(line)
+    print(f"next: vaeml evaluate {out}   |   vaeml plot {out}")
+    return 0
+
+
+def _json_default(o):
+    import numpy as np
+
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    raise TypeError(type(o).__name__)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    import jax
+    import numpy as np
+
+    from vaeml_jax.data import binarized_test_set, load_dataset
+    from vaeml_jax.evaluation import evaluate
+    from vaeml_jax.train import _write_atomic, load_run
+
+    if args.method not in ("is", "ais"):
+        raise CLIError(f"unknown --method {args.method!r}; choose is or ais.")
+    if args.num_samples < 1:
+        raise CLIError("--num-samples must be >= 1.")
+    run_dir = Path(args.run_dir)
+    config, vae, params, epoch = load_run(run_dir, args.epoch)
+    data_dir = args.data_dir if args.data_dir is not None else config.data_dir
+    dataset = load_dataset(config.dataset, data_dir, binarization=config.binarization)
+    if config.likelihood == "bernoulli":
+        x = np.asarray(binarized_test_set(dataset, seed=0), np.float32)
+    else:
+        x = np.asarray(dataset.test, np.float32)
+    if args.max_test_examples:
+        x = x[: args.max_test_examples]
+    vae.check_data(x)
+    t0 = time.perf_counter()
+    res = evaluate(
+        vae.model,
+        params,
+        x,
+        jax.random.key(args.seed),
+        method=args.method,
+        num_samples=args.num_samples,
+        chunk_size=min(args.chunk_size, args.num_samples),
+        batch_size=min(args.batch_size, x.shape[0]),
+        elbo_samples=args.elbo_samples,
+    )
+    seconds = time.perf_counter() - t0
+    out = {
+        "dataset": config.dataset,
+        "binarization": config.binarization,
+        "test_set_binarization_seed": 0 if config.likelihood == "bernoulli" else None,
+        "estimator": config.estimator,
+        "method": res.get("method", args.method),
+        "num_samples": int(res.get("num_samples", args.num_samples)),
+        "num_examples": int(res.get("num_examples", x.shape[0])),
+        "checkpoint_epoch": int(epoch),
+        "test_log_likelihood": float(res["test_log_likelihood"]),
+        "test_log_likelihood_stderr": float(res["test_log_likelihood_stderr"]),
+        "test_elbo": float(res["test_elbo"]),
+        "test_elbo_stderr": float(res["test_elbo_stderr"]),
+        "seconds": float(res.get("seconds", seconds)),
+        "seed": args.seed,
+        "units": "nats per example (higher is better)",
+    }
+    path = Path(args.output) if args.output else run_dir / EVAL_FILE
+    _write_atomic(path, json.dumps(out, indent=2, default=_json_default) + "\n")
+    rows = [
+        ("run", str(run_dir)),
+        ("dataset", f"{config.dataset} ({config.binarization}), {out['num_examples']} examples"),
+        ("estimator / epoch", f"{config.estimator} / {epoch}"),
+        ("method", f"{out['method']}, K = {out['num_samples']}"),
+        (
+            "test log-likelihood",
+            f"{out['test_log_likelihood']:.3f} ± {out['test_log_likelihood_stderr']:.3f} nats",
+        ),
+        ("test ELBO", f"{out['test_elbo']:.3f} ± {out['test_elbo_stderr']:.3f} nats"),
+        ("time", f"{out['seconds']:.1f} s"),
+        ("written", str(path)),
+    ]
+    width = max(len(r[0]) for r in rows)
+    for name, value in rows:
+        print(f"{name:<{width}}  {value}")
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from vaeml_jax.plot import plot_run
+
+    paths = plot_run(
+        args.run_dir,
+        args.out,
+        num_samples=args.num_samples,
+        seed=args.seed,
+        data_dir=args.data_dir,
+    )
+    for p in paths:
+        print(p)
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "plot": cmd_plot}
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Exception types that mean bad input (not a bug): reported in one line."""
+    from vaeml_jax.checkpoint import CheckpointError
+    from vaeml_jax.train import TrainingDiverged
+
+    errors: list[type[BaseException]] = [
+        CLIError,
+        ValueError,  # ConfigError, RunDirError, DataError and model.check_data's errors
+        TypeError,
+        CheckpointError,
+        TrainingDiverged,
+        OSError,
+    ]
+    return tuple(errors)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``vaeml`` console script; returns the exit status."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # argparse: --help (0) or a syntax error (2, message already printed)
+        return int(e.code or 0)
+    debug = os.environ.get("VAEML_DEBUG", "") not in ("", "0")
+    try:
+        return COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        print(
+            "vaeml: interrupted; a training run continues from its last checkpoint with "
+            "`vaeml train --out DIR --resume`.",
+            file=sys.stderr,
+        )
+        return 130
+    except Exception as e:
+        if debug:
+            raise
+        msg = str(e).strip() or type(e).__name__
+        try:
+            user_errors = _user_errors()
+        except Exception:  # pragma: no cover - the package itself failed to import
+            user_errors = (CLIError, ValueError, OSError)
+        if not isinstance(e, user_errors):  # a bug: still one line, with how to see more
+            msg = f"internal error ({type(e).__name__}): {msg} (set VAEML_DEBUG=1 for a traceback)"
+        print(f"vaeml: error: {msg}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
