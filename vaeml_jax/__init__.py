@@ -11,7 +11,9 @@ from vaeml_jax.estimators import (
     make_elbo_grad,
     make_iwae_grad,
     make_mcmc_grad,
+    make_sumo_grad,
     make_unbiased_grad,
+    sumo_log_likelihood,
 )
 from vaeml_jax.model import LatentVariableModel
 
@@ -23,6 +25,8 @@ __all__ = [
     "make_iwae_grad",
     "make_elbo_grad",
     "make_mcmc_grad",
+    "make_sumo_grad",
+    "sumo_log_likelihood",
     "cis",
     "coupling",
 ]
