@@ -102,9 +102,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--num-steps", type=_positive_int, help="mcmc: CIS steps after X_0 (default 5)")
     g.add_argument("--burn-in", type=_positive_int, help="mcmc: steps not averaged (default 0)")
+    g.add_argument("--min-terms", type=_positive_int, help="sumo: minimum terms m (default 1)")
+    g.add_argument("--max-terms", type=_positive_int, help="sumo: cap on terms J (default 128)")
     g.add_argument(
         "--encoder-objective",
-        help="auto (default: elbo for --estimator elbo, else iwae), elbo, iwae, inclusive_kl, none",
+        help="auto (default: elbo for --estimator elbo, sumo_variance for sumo, else iwae), "
+        "elbo, iwae, inclusive_kl, sumo_variance, none",
     )
     g = t.add_argument_group("model")
     g.add_argument("--hidden", help="hidden layer widths, e.g. 200,200 (default)")

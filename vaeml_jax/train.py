@@ -71,7 +71,7 @@ MEETING_TIMES_FILE = "meeting_times.npy"
 CHECKPOINT_DIR = "checkpoints"
 
 BASE_ESTIMATORS = ("elbo", "iwae", "mcmc", "unbiased")
-ENCODER_OBJECTIVE_CHOICES = ("auto", "elbo", "iwae", "inclusive_kl", "none")
+ENCODER_OBJECTIVE_CHOICES = ("auto", "elbo", "iwae", "inclusive_kl", "sumo_variance", "none")
 SCHEDULES = ("constant", "iwae")
 BINARIZATIONS = ("dynamic", "static")
 LIKELIHOODS = ("bernoulli", "gaussian")
@@ -140,6 +140,8 @@ class TrainConfig:
     num_slots: int | None = None
     num_steps: int = 5
     burn_in: int = 0
+    min_terms: int = 1
+    max_terms: int = 128
     encoder_objective: str = "auto"
     hidden: tuple[int, ...] = (200, 200)
     latent_dim: int = 50
@@ -189,9 +191,8 @@ class TrainConfig:
             n = IWAE_SCHEDULE_EPOCHS if cfg.schedule == "iwae" else DEFAULT_EPOCHS
             cfg = dataclasses.replace(cfg, epochs=n)
         if cfg.encoder_objective == "auto":
-            cfg = dataclasses.replace(
-                cfg, encoder_objective="elbo" if cfg.estimator == "elbo" else "iwae"
-            )
+            auto = {"elbo": "elbo", "sumo": "sumo_variance"}.get(cfg.estimator, "iwae")
+            cfg = dataclasses.replace(cfg, encoder_objective=auto)
         cfg.validate()
         return cfg
 
@@ -218,6 +219,8 @@ class TrainConfig:
             "max_iters": 1,
             "num_steps": 0,
             "burn_in": 0,
+            "min_terms": 1,
+            "max_terms": 1,
             "latent_dim": 1,
             "epochs": 1,
             "batch_size": 1,
@@ -268,6 +271,13 @@ class TrainConfig:
             raise ConfigError(
                 f"burn_in must be <= num_steps, got burn_in={self.burn_in} > "
                 f"num_steps={self.num_steps}."
+            )
+        sumo_only = self.encoder_objective == "sumo_variance"
+        if sumo_only and self.estimator != "sumo":
+            raise ConfigError("encoder_objective sumo_variance needs --estimator sumo.")
+        if self.estimator == "sumo" and self.encoder_objective == "inclusive_kl":
+            raise ConfigError(
+                "the sumo estimator takes encoder_objective sumo_variance, elbo, iwae or none."
             )
         if self.max_train_examples is not None and self.max_train_examples < self.batch_size:
             raise ConfigError(
@@ -378,7 +388,9 @@ def make_estimator(config: TrainConfig, model):
     if config.estimator == "sumo":
         from vaeml_jax.estimators.sumo import make_sumo_grad
 
-        return make_sumo_grad(model, num_particles=config.num_particles, encoder_objective=enc)
+        return make_sumo_grad(
+            model, min_terms=config.min_terms, max_terms=config.max_terms, encoder_objective=enc
+        )
     raise ConfigError(f"unknown estimator {config.estimator!r}")  # pragma: no cover
 
 
