@@ -1,0 +1,71 @@
+"""Smoke test: ``benchmarks/estimator_cost.py --quick`` runs end to end (it never asserts timings).
+
+Runtime: ~60-90 s on a 2-core CPU, almost all of it XLA compiling the ~10 estimator variants.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_estimator_cost_quick_runs(data_dir, tmp_path):
+    out = tmp_path / "cost.json"
+    env = dict(os.environ, VAEML_DATA_DIR=str(data_dir), JAX_PLATFORMS="cpu")
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "benchmarks" / "estimator_cost.py"),
+            "--quick",
+            "--width-scan",
+            "2",
+            "--json",
+            str(out),
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "#### Targets" in proc.stdout
+    result = json.loads(out.read_text())
+    (res,) = result["per_s"]
+    expected_rows = {
+        "floor",
+        "elbo",
+        "iwae",
+        "cis_step",
+        "coupled_iter",
+        "unbiased",
+        "unbiased_init",
+        "unbiased_slots2",
+        "coupled_iter_w2",
+    }
+    assert expected_rows <= set(res["rows"])
+    assert {t["target"] for t in res["targets"]} >= {"iwae / floor", "coupled iter / cis step"}
+    # Every recorded unbiased call read its num_iters (structure only; values are random).
+    for name in ("unbiased", "unbiased_init", "unbiased_slots2"):
+        (call,) = res["num_iters"][name]["per_call"]
+        mean_iters, max_iters, _, loop_iters = call
+        assert 0 <= mean_iters <= max_iters <= loop_iters or name == "unbiased_slots2"
+        assert loop_iters >= 1
+
+
+def test_estimator_cost_rejects_bad_arguments():
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "estimator_cost.py"), "--num-particles", "1"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "--num-particles must all be >= 2" in proc.stderr
