@@ -26,7 +26,7 @@ decoder reproduces the mean image) and the Gaussian decoder's output bias is the
 
 Parameters: the networks are NNX modules (``nnx.Linear``), but what :meth:`VAE.init` returns,
 and what every function here takes, is a PLAIN nested dict of jax arrays (``nnx.split`` then
-``State.to_pure_dict()``)::
+``nnx.to_pure_dict``)::
 
     {"encoder": {"q_z1": {...}[, "q_z2": {...}]},           # read only by the proposal
      "decoder": {"p_x": {...}[, "p_z1": {...}]}}            # read only by the joint (and prior)
@@ -176,8 +176,7 @@ class VAEConfig:
             )
         if self.activation not in ACTIVATIONS:
             raise ValueError(
-                f"unknown activation {self.activation!r}; choose one of: "
-                f"{', '.join(ACTIVATIONS)}."
+                f"unknown activation {self.activation!r}; choose one of: {', '.join(ACTIVATIONS)}."
             )
         if self.dtype not in DTYPES:
             raise ValueError(f"unknown dtype {self.dtype!r}; choose one of: {', '.join(DTYPES)}.")
@@ -311,6 +310,7 @@ class VAE:
         self.config = config
         self.latent_dim = config.flat_latent_dim
         self._dtype = jnp.dtype(config.dtype)
+        self._check_x64()
         enc = nnx.eval_shape(lambda: _Encoder(config, rngs=nnx.Rngs(0), dtype=self._dtype))
         dec = nnx.eval_shape(lambda: _Decoder(config, rngs=nnx.Rngs(0), dtype=self._dtype))
         self._enc_graphdef = nnx.graphdef(enc)
@@ -334,17 +334,13 @@ class VAE:
             bias starts at logit(clip(mean, 1e-3, 1 - 1e-3)) (Bernoulli) or at the mean
             (Gaussian). May be a traced array (``init`` works under ``jax.eval_shape``/``jit``).
         """
-        if self._dtype == jnp.float64 and not jax.config.read("jax_enable_x64"):
-            raise ValueError(
-                'VAEConfig(dtype="float64") needs 64-bit JAX: call '
-                'jax.config.update("jax_enable_x64", True) first (or use dtype="float32").'
-            )
+        self._check_x64()
         k_enc, k_dec = jax.random.split(key)
         enc = _Encoder(self.config, rngs=nnx.Rngs(k_enc), dtype=self._dtype)
         dec = _Decoder(self.config, rngs=nnx.Rngs(k_dec), dtype=self._dtype)
         params = {
-            "encoder": nnx.state(enc, nnx.Param).to_pure_dict(),
-            "decoder": nnx.state(dec, nnx.Param).to_pure_dict(),
+            "encoder": nnx.to_pure_dict(nnx.state(enc, nnx.Param)),
+            "decoder": nnx.to_pure_dict(nnx.state(dec, nnx.Param)),
         }
         if data_mean is not None:
             mean = jnp.asarray(data_mean, self._dtype)
@@ -361,6 +357,13 @@ class VAE:
                 bias = mean
             params["decoder"]["p_x"][head]["bias"] = bias
         return params
+
+    def _check_x64(self) -> None:
+        if self._dtype == jnp.float64 and not jax.config.read("jax_enable_x64"):
+            raise ValueError(
+                'VAEConfig(dtype="float64") needs 64-bit JAX: call '
+                'jax.config.update("jax_enable_x64", True) first (or use dtype="float32").'
+            )
 
     def _encoder(self, params: Params) -> _Encoder:
         return nnx.merge(self._enc_graphdef, params["encoder"])
