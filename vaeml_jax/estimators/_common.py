@@ -70,12 +70,17 @@ def sample_lanes(model: LatentVariableModel, params, x, keys, num: int):
     return jax.vmap(per_chain)(x, keys)
 
 
-def eval_lanes(model: LatentVariableModel, params, x, particles):
-    """log p(x_i, z) and log q(z | x_i) for particles (B, C, P, *latent) -> two (B, C, P) arrays."""
+def eval_lanes(model: LatentVariableModel, params, x, particles, proposal_grad: bool = True):
+    """log p(x_i, z) and log q(z | x_i) for particles (B, C, P, *latent) -> two (B, C, P) arrays.
+
+    ``proposal_grad=False`` cuts log q's dependence on params, so a vjp through this function
+    does no backward pass for a proposal term whose cotangent would be zero anyway.
+    """
 
     def per_example(p, xi, zi):
+        pq = p if proposal_grad else jax.lax.stop_gradient(p)
         lj = jax.vmap(jax.vmap(model.log_joint, (None, None, 0)), (None, None, 0))(p, xi, zi)
-        lq = jax.vmap(jax.vmap(model.log_proposal, (None, None, 0)), (None, None, 0))(p, xi, zi)
+        lq = jax.vmap(jax.vmap(model.log_proposal, (None, None, 0)), (None, None, 0))(pq, xi, zi)
         return lj, lq
 
     return jax.vmap(per_example, in_axes=(None, 0, 0))(params, x, particles)

@@ -62,7 +62,7 @@ def scheduled_estimate(model, params, x, keys, *, S, k, m, C, max_iters, num_slo
     # ---- Phase 1, whole batch: X_0 ~ q^S, its h coefficient (k = 0) and the encoder objective.
     def init_fn(p):
         zx = jax.lax.stop_gradient(_common.sample_lanes(model, p, x, key_x0.reshape(B, C), S))
-        lj, lq = _common.eval_lanes(model, p, x, zx)
+        lj, lq = _common.eval_lanes(model, p, x, zx, inclusive)
         enc = jnp.zeros((), lj.dtype)
         if reparam_objective:
             enc, _ = _common.encoder_loss(model, p, x, key_x0.reshape(B, C), S, encoder_objective)
@@ -82,6 +82,10 @@ def scheduled_estimate(model, params, x, keys, *, S, k, m, C, max_iters, num_slo
         return g.reshape((L,) + g.shape[2:])
 
     kept_z0 = pick(zx)
+    # Y_0 of every lane, drawn once here rather than by every slot at every iteration.
+    y0_all = jax.lax.stop_gradient(
+        _common.sample_lanes(model, params, x, key_y0.reshape(B, C), S))
+    y0_all = y0_all.reshape((L,) + y0_all.shape[2:])
     bound = jnp.mean(_common.log_mean_exp(lw_x0), axis=-1)
 
     def sample(xi, kk, num):
@@ -103,7 +107,7 @@ def scheduled_estimate(model, params, x, keys, *, S, k, m, C, max_iters, num_slo
         def propose(lane_i, x_i, atoms, lj, lq, met, t):
             step = jax.random.split(jax.random.fold_in(key_loop[lane_i], t), 2)
             i, j, _ = coupled_select(step[0], _common.safe_log_weights(lj, lq), met)
-            y0 = sample(x_i, key_y0[lane_i], S)  # the first coupled state's Y_0 (t = 0 -> 1)
+            y0 = y0_all[lane_i]  # the first coupled state's Y_0 (t = 0 -> 1)
             fresh = sample(x_i, step[1], S - 1)
             is_first = t == 0
             kept_x = jnp.where(is_first, kept_z0[lane_i], atoms[i])
@@ -116,7 +120,7 @@ def scheduled_estimate(model, params, x, keys, *, S, k, m, C, max_iters, num_slo
                                        sl.met, sl.t)
 
         def eval_fn(p):
-            lj, lq = _common.eval_lanes(model, p, xs, atoms[:, None])
+            lj, lq = _common.eval_lanes(model, p, xs, atoms[:, None], inclusive)
             return lj[:, 0], lq[:, 0]
 
         (lj, lq), vjp = jax.vjp(eval_fn, params)

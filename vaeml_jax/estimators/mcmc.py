@@ -63,7 +63,7 @@ def make_mcmc_grad(
 
         def init_fn(p):
             z = jax.lax.stop_gradient(_common.sample_lanes(model, p, x, key_x0, S))
-            lj, lq = _common.eval_lanes(model, p, x, z)
+            lj, lq = _common.eval_lanes(model, p, x, z, inclusive)
             enc = jnp.zeros((), lj.dtype)
             if reparam_objective:
                 enc, _ = _common.encoder_loss(model, p, x, key_x0, S, encoder_objective)
@@ -102,7 +102,7 @@ def make_mcmc_grad(
             z, lj, lq, g = carry
             kept, fresh, _ = propose(t, z, lj, lq)
             z = jnp.concatenate([kept, fresh], axis=2)
-            (lj, lq), vjp = jax.vjp(lambda p: _common.eval_lanes(model, p, x, z), params)
+            (lj, lq), vjp = jax.vjp(lambda p: _common.eval_lanes(model, p, x, z, inclusive), params)
             c = (scale / n * normalized_weights(_common.safe_log_weights(lj, lq))).astype(lj.dtype)
             (gt,) = vjp((c, c if inclusive else jnp.zeros_like(c)))
             return (z, lj, lq, jax.tree.map(jnp.add, g, gt)), None

@@ -154,7 +154,7 @@ def make_unbiased_grad(
             zx = jax.lax.stop_gradient(_common.sample_lanes(model, p, x, key_x0, S))
             zy = jax.lax.stop_gradient(_common.sample_lanes(model, p, x, key_y0, S))
             z = jnp.concatenate([zx, zy], axis=2)
-            lj, lq = _common.eval_lanes(model, p, x, z)
+            lj, lq = _common.eval_lanes(model, p, x, z, inclusive)
             enc = jnp.zeros((), lj.dtype)
             if reparam_objective:  # the same draws X_0 (same keys), now differentiable in phi
                 enc, _ = _common.encoder_loss(model, p, x, key_x0, S, encoder_objective)
@@ -206,7 +206,7 @@ def make_unbiased_grad(
             )
 
             def eval_fn(p):
-                return _common.eval_lanes(model, p, x, atoms)
+                return _common.eval_lanes(model, p, x, atoms, inclusive)
 
             (lj, lq), vjp = jax.vjp(eval_fn, params)
             met = state.met | (i == j)
