@@ -245,8 +245,14 @@ ESTIMATORS = {
 }
 
 
-@pytest.mark.parametrize("name", list(ESTIMATORS))
-@pytest.mark.parametrize("kw", [TINY, TINY2], ids=["one", "two"])
+_SLOW = pytest.mark.slow  # the same code paths as the unmarked cases; compile-bound on CPU
+ESTIMATOR_CASES = [pytest.param(TINY, n, id=f"one-{n}") for n in ESTIMATORS] + [
+    pytest.param(TINY2, n, id=f"two-{n}", marks=() if n in ("iwae", "unbiased") else _SLOW)
+    for n in ESTIMATORS
+]
+
+
+@pytest.mark.parametrize("kw, name", ESTIMATOR_CASES)
 def test_estimators_run_under_jit(kw, name):
     vae = build_vae(**kw)
     params = vae.init(jax.random.key(0), data_mean=np.full(D, 0.3))
