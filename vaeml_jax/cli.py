@@ -79,7 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="data folder (default $VAEML_DATA_DIR, then the packaged MNIST, then tfds)",
     )
-    g.add_argument("--binarization", help="dynamic (default: resampled every batch) or static")
+    g.add_argument(
+        "--binarization",
+        help="dynamic (default for bernoulli: redrawn every epoch), static (once), or none "
+        "(intensities; default for gaussian)",
+    )
     g.add_argument(
         "--max-train-examples",
         type=_positive_int,
@@ -254,11 +258,9 @@ def _json_default(o):
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     import jax
-    import numpy as np
 
-    from vaeml_jax.data import binarized_test_set, load_dataset
     from vaeml_jax.evaluation import evaluate
-    from vaeml_jax.train import _write_atomic, load_run
+    from vaeml_jax.train import _write_atomic, load_data, load_run
 
     if args.method not in ("is", "ais"):
         raise CLIError(f"unknown --method {args.method!r}; choose is or ais.")
@@ -266,12 +268,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         raise CLIError("--num-samples must be >= 1.")
     run_dir = Path(args.run_dir)
     config, vae, params, epoch = load_run(run_dir, args.epoch)
-    data_dir = args.data_dir if args.data_dir is not None else config.data_dir
-    dataset = load_dataset(config.dataset, data_dir, binarization=config.binarization)
-    if config.likelihood == "bernoulli":
-        x = np.asarray(binarized_test_set(dataset, seed=0), np.float32)
-    else:
-        x = np.asarray(dataset.test, np.float32)
+    _, _, x = load_data(config, args.data_dir)
     if args.max_test_examples:
         x = x[: args.max_test_examples]
     vae.check_data(x)
@@ -291,7 +288,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     out = {
         "dataset": config.dataset,
         "binarization": config.binarization,
-        "test_set_binarization_seed": 0 if config.likelihood == "bernoulli" else None,
+        "test_set_binarization_seed": None if config.binarization == "none" else 0,
         "estimator": config.estimator,
         "method": res.get("method", args.method),
         "num_samples": int(res.get("num_samples", args.num_samples)),

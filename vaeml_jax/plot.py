@@ -184,10 +184,10 @@ def plot_run(
     """
     import jax
 
-    from vaeml_jax.data import binarized_test_set, load_dataset
     from vaeml_jax.train import (
         MEETING_TIMES_FILE,
         RunDirError,
+        load_data,
         load_run,
         read_config,
         read_metrics,
@@ -222,12 +222,7 @@ def plot_run(
             samples, out / "samples.png", title=f"samples, {config.estimator}, epoch {epoch}"
         )
     )
-    dd = data_dir if data_dir is not None else config.data_dir
-    dataset = load_dataset(config.dataset, dd, binarization=config.binarization)
-    if config.likelihood == "bernoulli":
-        x = np.asarray(binarized_test_set(dataset, seed=0)[:16], np.float32)
-    else:
-        x = np.asarray(dataset.test[:16], np.float32)
+    x = load_data(config, data_dir)[2][:16]
     recon = np.asarray(vae.reconstruct(params, x, key_r))
     paths.append(plot_reconstructions(x, recon, out / "reconstructions.png"))
     return paths

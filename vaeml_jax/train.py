@@ -52,9 +52,11 @@ __all__ = [
     "iwae_learning_rate",
     "learning_rate",
     "make_optimizer",
+    "set_learning_rate",
     "make_estimator",
     "make_train_step",
     "build_vae",
+    "load_data",
     "train",
     "read_config",
     "read_metrics",
@@ -73,7 +75,7 @@ CHECKPOINT_DIR = "checkpoints"
 BASE_ESTIMATORS = ("elbo", "iwae", "mcmc", "unbiased")
 ENCODER_OBJECTIVE_CHOICES = ("auto", "elbo", "iwae", "inclusive_kl", "sumo_variance", "none")
 SCHEDULES = ("constant", "iwae")
-BINARIZATIONS = ("dynamic", "static")
+BINARIZATIONS = ("auto", "dynamic", "static", "none")
 LIKELIHOODS = ("bernoulli", "gaussian")
 # The IWAE paper's schedule: stage i = 1..8 lasts 3^(i-1) epochs (3,280 in all).
 IWAE_SCHEDULE_STAGES = 8
@@ -122,6 +124,11 @@ class TrainConfig:
     dynamically binarized MNIST, trained with the unbiased estimator H_{0:0} (S = 10 particles,
     one coupled pair per example) and an IWAE-bound encoder, Adam lr 1e-3, batch 100, 100 epochs.
 
+    ``binarization``: ``"dynamic"`` (a fresh Bernoulli draw of every pixel each epoch, on device),
+    ``"static"`` (binarized once, seed 0), ``"none"`` (the intensities themselves, for a Gaussian
+    decoder); ``"auto"`` resolves to ``"dynamic"`` for a Bernoulli decoder and ``"none"`` for a
+    Gaussian one. The test set is always the one of :func:`load_data`.
+
     ``encoder_objective="auto"`` resolves to ``"elbo"`` for the ELBO estimator and ``"iwae"``
     otherwise; ``"none"`` leaves the encoder at its initialisation. ``epochs=None`` resolves to
     100 (constant schedule) or 3,280 (the full IWAE schedule). ``max_train_examples`` keeps the
@@ -130,7 +137,7 @@ class TrainConfig:
 
     dataset: str = "mnist"
     data_dir: str | None = None
-    binarization: str = "dynamic"
+    binarization: str = "auto"
     estimator: str = "unbiased"
     num_particles: int = 10
     k: int = 0
@@ -187,9 +194,14 @@ class TrainConfig:
     def resolved(self) -> TrainConfig:
         """Fill the automatic values (epochs, encoder objective) and validate everything."""
         cfg = self
+        if isinstance(cfg.dataset, str) and "-" in cfg.dataset:  # fashion-mnist == fashion_mnist
+            cfg = dataclasses.replace(cfg, dataset=cfg.dataset.replace("-", "_"))
         if cfg.epochs is None:
             n = IWAE_SCHEDULE_EPOCHS if cfg.schedule == "iwae" else DEFAULT_EPOCHS
             cfg = dataclasses.replace(cfg, epochs=n)
+        if cfg.binarization == "auto":
+            auto_b = "none" if cfg.likelihood == "gaussian" else "dynamic"
+            cfg = dataclasses.replace(cfg, binarization=auto_b)
         if cfg.encoder_objective == "auto":
             auto = {"elbo": "elbo", "sumo": "sumo_variance"}.get(cfg.estimator, "iwae")
             cfg = dataclasses.replace(cfg, encoder_objective=auto)
@@ -331,16 +343,43 @@ def learning_rate(config: TrainConfig, epoch: int) -> float:
     return float(config.lr)
 
 
-def make_optimizer(config: TrainConfig, steps_per_epoch: int) -> optax.GradientTransformation:
-    """Adam whose learning rate is a function of its step count: lr(count // steps_per_epoch)."""
-    if config.schedule == "constant":
-        return optax.adam(config.lr)
-    table = jnp.asarray([learning_rate(config, e) for e in range(config.epochs)], dtype=jnp.float32)
+def make_optimizer(config: TrainConfig | None = None) -> optax.GradientTransformation:
+    """Adam with its learning rate held in the optimizer state (``optax.inject_hyperparams``).
 
-    def schedule(count):
-        return table[jnp.minimum(count // steps_per_epoch, table.shape[0] - 1)]
+    The training loop sets it at the start of every epoch with :func:`set_learning_rate`
+    (``learning_rate(config, epoch)``), so the schedule is a function of the epoch alone (exact on
+    resume) and one compiled train step serves every learning rate.
+    """
+    lr = 1e-3 if config is None else float(config.lr)
+    return optax.inject_hyperparams(optax.adam)(learning_rate=lr)
 
-    return optax.adam(schedule)
+
+def set_learning_rate(opt_state, lr: float):
+    """``opt_state`` of :func:`make_optimizer` with its learning rate replaced by ``lr``."""
+    hp = dict(opt_state.hyperparams)
+    hp["learning_rate"] = jnp.asarray(lr, dtype=jnp.float32)
+    return opt_state._replace(hyperparams=hp)
+
+
+def load_data(config: TrainConfig, data_dir: str | None = None):
+    """``(dataset, binarize_train, test_x)`` for a resolved config.
+
+    ``binarize_train``: whether :func:`vaeml_jax.data.epoch_batches` redraws Bernoulli pixels
+    each epoch. ``test_x`` is the test set every command evaluates on: binarized once with seed 0
+    (``binarized_test_set``) unless ``binarization="none"`` (the intensities). ``data_dir``
+    overrides the config's.
+    """
+    from vaeml_jax.data import binarized_test_set, load_dataset
+
+    dd = data_dir if data_dir is not None else config.data_dir
+    b = config.binarization
+    dataset = load_dataset(
+        config.dataset, dd, binarization="static" if b == "static" else "dynamic", seed=0
+    )
+    if b == "none":
+        return dataset, False, np.asarray(dataset.test, np.float32)
+    test_x = np.asarray(binarized_test_set(dataset, seed=0), np.float32)
+    return dataset, not dataset.binarized, test_x
 
 
 def build_vae(config: TrainConfig):
@@ -637,7 +676,7 @@ def train(
     """
     from tqdm.auto import tqdm
 
-    from vaeml_jax.data import epoch_batches, load_dataset
+    from vaeml_jax.data import epoch_batches
 
     if log is None:
 
@@ -649,7 +688,7 @@ def train(
     continuing = _prepare_run_dir(config, run_dir, resume)
 
     # ---- data and model (before anything is written, so bad input leaves no trace) ----------
-    dataset = load_dataset(config.dataset, config.data_dir, binarization=config.binarization)
+    dataset, binarize, test_x = load_data(config)
     train_x = np.asarray(dataset.train, np.float32)
     if config.max_train_examples is not None:
         train_x = train_x[: config.max_train_examples]
@@ -667,7 +706,6 @@ def train(
             f"{config.batch_size}; lower --batch-size."
         )
     steps_per_epoch = n_train // config.batch_size
-    binarize = config.likelihood == "bernoulli" and not dataset.binarized
     vae = build_vae(config)
     train_dev = jnp.asarray(train_x)
     root = jax.random.key(config.seed)
@@ -684,7 +722,7 @@ def train(
     first_batches, _ = epoch_data(0)
     vae.check_data(np.asarray(first_batches[0]))
 
-    optimizer = make_optimizer(config, steps_per_epoch)
+    optimizer = make_optimizer(config)
     grad_fn = make_estimator(config, vae.model)
     train_step = make_train_step(grad_fn, optimizer)
     run_step = _make_epoch_runner(train_step)
@@ -694,10 +732,7 @@ def train(
 
     eval_x = None
     if config.eval_every:
-        from vaeml_jax.data import binarized_test_set
-
-        eval_x = np.asarray(binarized_test_set(dataset, seed=0), np.float32)
-        eval_x = eval_x[: config.eval_max_examples]
+        eval_x = test_x[: config.eval_max_examples]
 
     # ---- run directory ------------------------------------------------------------------------
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -734,6 +769,7 @@ def train(
         compiled_step = metric_shapes = None
         for epoch in range(start_epoch, config.epochs):
             lr = learning_rate(config, epoch)
+            state = state._replace(opt_state=set_learning_rate(state.opt_state, lr))
             batches, steps_key = epoch_data(epoch)
             if metric_shapes is None:
                 metric_shapes = _metric_shapes(grad_fn, train_step, state, batches[0], steps_key)
@@ -876,7 +912,7 @@ def load_run(run_dir: str | Path, epoch: int | None = None):
     config = config.resolved()
     vae = build_vae(config)
     params = jax.eval_shape(lambda k: vae.init(k), jax.random.key(0))
-    opt_state = jax.eval_shape(make_optimizer(config, 1).init, params)
+    opt_state = jax.eval_shape(make_optimizer(config).init, params)
     if not (run_dir / CHECKPOINT_DIR).is_dir():
         raise CheckpointError(
             f"{run_dir} has no checkpoints yet (training has not finished an epoch); "
