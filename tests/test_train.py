@@ -1,0 +1,211 @@
+"""Training: config checks, the IWAE schedule, the pure train step, resume == uninterrupted run."""
+
+import dataclasses
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from vaeml_jax import make_iwae_grad
+from vaeml_jax.testing import linear_gaussian_model, linear_gaussian_params
+from vaeml_jax.train import (
+    IWAE_SCHEDULE_EPOCHS,
+    ConfigError,
+    RunDirError,
+    TrainConfig,
+    TrainState,
+    iwae_learning_rate,
+    learning_rate,
+    load_run,
+    make_optimizer,
+    make_train_step,
+    read_metrics,
+    set_learning_rate,
+    train,
+)
+
+SMALL = dict(
+    hidden=(32,),
+    latent_dim=4,
+    num_particles=4,
+    batch_size=50,
+    max_train_examples=200,
+    eval_every=0,
+)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _compilation_cache(tmp_path_factory):
+    """Share compiled programs between the runs of this session (and its subprocesses)."""
+    old = {
+        k: getattr(jax.config, k)
+        for k in ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
+    }
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.getbasetemp() / "jaxc"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    yield
+    for k, v in old.items():
+        jax.config.update(k, v)
+
+
+# ---- config ------------------------------------------------------------------------------------
+def test_defaults_are_the_paper_sized_unbiased_run():
+    c = TrainConfig().resolved()
+    assert (c.dataset, c.estimator, c.binarization) == ("mnist", "unbiased", "dynamic")
+    assert (c.hidden, c.latent_dim, c.two_layer, c.likelihood) == (
+        (200, 200),
+        50,
+        False,
+        "bernoulli",
+    )
+    assert (c.k, c.m, c.encoder_objective, c.epochs) == (0, 0, "iwae", 100)
+    assert TrainConfig(estimator="elbo").resolved().encoder_objective == "elbo"
+    assert TrainConfig(schedule="iwae").resolved().epochs == IWAE_SCHEDULE_EPOCHS == 3280
+    assert TrainConfig(likelihood="gaussian").resolved().binarization == "none"
+    assert TrainConfig(dataset="fashion-mnist").resolved().dataset == "fashion_mnist"
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (dict(estimator="vimco"), "unknown estimator 'vimco'; choose one of: elbo, iwae"),
+        (dict(dataset="cifar"), "unknown dataset 'cifar'"),
+        (dict(k=3, m=1), "k must be <= m"),
+        (dict(num_particles=1), "num_particles must be an integer >= 2"),
+        (dict(lr=-1.0), "lr must be a positive number"),
+        (dict(lr=float("nan")), "lr must be a positive number"),
+        (dict(hidden=()), "hidden must be one or more"),
+        (dict(schedule="cosine"), "unknown schedule"),
+        (dict(burn_in=6, num_steps=5), "burn_in must be <= num_steps"),
+        (dict(max_train_examples=10, batch_size=20), "smaller than batch_size"),
+        (dict(epochs=0), "epochs must be an integer >= 1"),
+    ],
+)
+def test_invalid_configs_are_refused_with_a_message(change, match):
+    with pytest.raises(ConfigError, match=match):
+        dataclasses.replace(TrainConfig(), **change).resolved()
+
+
+def test_from_dict_merges_and_refuses_unknown_keys():
+    base = TrainConfig(lr=0.5)
+    c = TrainConfig.from_dict({"batch-size": 7, "hidden": "64, 32"}, base=base)
+    assert (c.batch_size, c.hidden, c.lr) == (7, (64, 32), 0.5)
+    with pytest.raises(ConfigError, match="unknown config key.*'nonsense'"):
+        TrainConfig.from_dict({"nonsense": 1})
+    d = TrainConfig().resolved().to_dict()
+    assert TrainConfig.from_dict(json.loads(json.dumps(d))) == TrainConfig().resolved()
+
+
+# ---- schedule ----------------------------------------------------------------------------------
+def test_iwae_schedule_stages_and_rates():
+    # stage i lasts 3^(i-1) epochs at lr 1e-3 * 10^(-(i-1)/7), one decimal in the mantissa
+    expected = [1e-3, 7.2e-4, 5.2e-4, 3.7e-4, 2.7e-4, 1.9e-4, 1.4e-4, 1e-4]
+    starts = np.cumsum([0] + [3**i for i in range(8)])
+    for i, lr in enumerate(expected):
+        for e in (starts[i], starts[i + 1] - 1):
+            assert iwae_learning_rate(int(e)) == pytest.approx(lr, rel=1e-12)
+    assert starts[-1] == 3280
+    assert iwae_learning_rate(5000) == pytest.approx(1e-4)
+    cfg = TrainConfig(schedule="iwae", lr=2e-3).resolved()
+    assert learning_rate(cfg, 1) == pytest.approx(1.44e-3)
+
+
+def test_learning_rate_lives_in_the_optimizer_state():
+    cfg = TrainConfig(schedule="iwae", epochs=13).resolved()
+    opt = make_optimizer(cfg)
+    params = {"w": jnp.zeros(())}
+    grads = {"w": jnp.ones(())}
+    update = jax.jit(opt.update)  # one program for every learning rate
+    state = opt.init(params)
+    seen = []
+    for epoch in range(4):  # 2 steps per epoch: lr 1e-3, then 7.2e-4 for epochs 1-3
+        state = set_learning_rate(state, learning_rate(cfg, epoch))
+        for _ in range(2):
+            upd, state = update(grads, state, params)
+            seen.append(-float(upd["w"]))  # Adam's steps with constant grads: |update| = lr
+    np.testing.assert_allclose(seen, [1e-3] * 2 + [7.2e-4] * 6, rtol=1e-4)
+    assert update._cache_size() == 1
+
+
+# ---- the pure train step -----------------------------------------------------------------------
+def _lg_setup():
+    model = linear_gaussian_model()
+    params = linear_gaussian_params(jax.random.key(0), data_dim=3, latent_dim=2)
+    x = jax.random.normal(jax.random.key(1), (8, 3))
+    return model, params, x
+
+
+def test_train_step_applies_adam_to_the_estimator_gradient():
+    model, params, x = _lg_setup()
+    grad_fn = make_iwae_grad(model, num_particles=5)
+    opt = optax.adam(1e-2)
+    step = jax.jit(make_train_step(grad_fn, opt))
+    state = TrainState(params, opt.init(params))
+    key = jax.random.key(3)
+    new, metrics = step(state, x, key)
+
+    @jax.jit
+    def reference(params, opt_state):
+        grads, info = grad_fn(params, x, key)
+        upd, _ = opt.update(grads, opt_state, params)
+        return optax.apply_updates(params, upd), info
+
+    expected, info = reference(params, state.opt_state)
+    for a, b in zip(jax.tree.leaves(new.params), jax.tree.leaves(expected), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    assert bool(metrics["finite"])
+    np.testing.assert_allclose(metrics["bound"], jnp.mean(info["bound"]), rtol=1e-6)
+    assert metrics["meeting_time"].shape == (8, 1)
+
+
+def test_train_step_refuses_a_non_finite_update():
+    model, params, x = _lg_setup()
+    grad_fn = make_iwae_grad(model, num_particles=5)
+
+    def poisoned(p, xx, k):
+        g, info = grad_fn(p, xx, k)
+        return jax.tree.map(lambda a: a * jnp.nan, g), info
+
+    opt = optax.adam(1e-2)
+    state = TrainState(params, opt.init(params))
+    new, metrics = jax.jit(make_train_step(poisoned, opt))(state, x, jax.random.key(0))
+    assert not bool(metrics["finite"])
+    for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(state), strict=True):
+        np.testing.assert_array_equal(a, b)  # nothing applied, optimizer count included
+
+
+# ---- end to end on real data (small) ------------------------------------------------------------
+def _leaves_equal(a, b):
+    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+    return len(la) == len(lb) and all(np.array_equal(x, y) for x, y in zip(la, lb, strict=True))
+
+
+def test_resumed_run_ends_with_the_parameters_of_an_uninterrupted_one(tmp_path, data_dir):
+    cfg = TrainConfig(data_dir=str(data_dir), epochs=3, checkpoint_every=1, **SMALL)
+    full = train(cfg, tmp_path / "full", progress=False, log=lambda s: None)
+    part = train(
+        dataclasses.replace(cfg, epochs=1), tmp_path / "part", progress=False, log=lambda s: None
+    )
+    assert part["epoch"] == 1 and not _leaves_equal(part["params"], full["params"])
+    with pytest.raises(RunDirError, match="Pass --resume"):
+        train(cfg, tmp_path / "part", progress=False)
+    rest = train(cfg, tmp_path / "part", resume=True, progress=False, log=lambda s: None)
+    assert rest["start_epoch"] == 1 and rest["epoch"] == 3
+    assert _leaves_equal(rest["params"], full["params"])
+    _, _, params, epoch = load_run(tmp_path / "part")
+    assert epoch == 3 and _leaves_equal(params, full["params"])
+    # the per-epoch records agree too (up to timings)
+    timing = ("wall_time", "examples_per_second", "compile_seconds")
+    strip = [
+        {k: v for k, v in r.items() if k not in timing} for r in read_metrics(tmp_path / "part")
+    ]
+    ref = [{k: v for k, v in r.items() if k not in timing} for r in read_metrics(tmp_path / "full")]
+    assert strip == ref and [r["epoch"] for r in strip] == [1, 2, 3]
+    # a resume with a different model is refused, naming the difference
+    with pytest.raises(RunDirError, match="latent_dim: 4 -> 5"):
+        train(
+            dataclasses.replace(cfg, latent_dim=5), tmp_path / "part", resume=True, progress=False
+        )
