@@ -33,7 +33,9 @@ and what every function here takes, is a PLAIN nested dict of jax arrays (``nnx.
 
 Inside the pure functions the modules are rebuilt from the dict with ``nnx.merge(graphdef,
 pure_dict)``; under ``jit`` this happens at trace time only, so the compiled computation is the
-same as a hand-written MLP (see ``benchmarks`` note in the module's tests / report).
+same as a hand-written MLP: each function traces to the same primitives as plain jnp
+(``tests/test_models.py``), and the optimised HLO of the jitted IWAE gradient (one layer, B=100,
+S=10) has the same op counts, with equal step times on CPU and on an H100.
 
 Latent layout for two stochastic layers: the interface passes ONE flat vector
 z = concat(z1, z2) of size ``latent1_dim + latent_dim`` (150 by default): ``z[:latent1_dim]`` is
