@@ -795,14 +795,18 @@ def train(
                 state, buffers = compiled_step(state, buffers, batches, i, steps_key)
                 now = time.perf_counter()
                 if progress and (now - last_refresh >= progress_interval or i == 0):
-                    host = jax.device_get(buffers)
+                    host = jax.device_get(buffers)  # waits for step i: timings below are real
                     if not np.all(host["finite"][: i + 1]):
                         break  # reported below, with the step number
-                    bar.set_postfix(_progress_postfix(host, i + 1, now - t0, config.batch_size))
+                    elapsed = time.perf_counter() - t0
+                    bar.set_postfix(_progress_postfix(host, i + 1, elapsed, config.batch_size))
                     bar.update(i + 1 - shown)
                     shown, last_refresh = i + 1, time.perf_counter()
             host = jax.device_get(buffers)  # the one sync of the epoch
             seconds = time.perf_counter() - t0
+            if progress:
+                final = _progress_postfix(host, steps_per_epoch, seconds, config.batch_size)
+                bar.set_postfix(final)
             bar.update(steps_per_epoch - shown)
             bar.close()
             bad = np.flatnonzero(~host["finite"])
