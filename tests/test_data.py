@@ -6,7 +6,6 @@ Real files come from the shared data folder (``data_dir`` fixture); small fixtur
 
 import gzip
 import hashlib
-import shutil
 import struct
 import sys
 import types
@@ -242,29 +241,35 @@ def test_idx_structure_errors(tmp_path):
 
 
 def test_corrupt_and_truncated_gz_name_the_file(data_dir, tmp_path):
+    """The damaged file is the (small) test file; train is a symlink to the shared copy."""
     folder = tmp_path / "mnist"
     folder.mkdir()
-    shutil.copy(data_dir / "mnist" / IDX_TEST, folder / IDX_TEST)
-    raw = (data_dir / "mnist" / IDX_TRAIN).read_bytes()
-    (folder / IDX_TRAIN).write_bytes(raw[: len(raw) // 3])
-    with pytest.raises(DataError, match=r"train-images-idx3-ubyte\.gz is not a complete gzip"):
+    (folder / IDX_TRAIN).symlink_to(data_dir / "mnist" / IDX_TRAIN)
+    raw = (data_dir / "mnist" / IDX_TEST).read_bytes()
+    (folder / IDX_TEST).write_bytes(raw[: len(raw) // 3])
+    with pytest.raises(DataError, match=r"t10k-images-idx3-ubyte\.gz is not a complete gzip") as e:
         load_dataset("mnist", tmp_path)
+    assert str(folder / IDX_TEST) in str(e.value) and "cvdf-datasets" in str(e.value)
     flipped = bytearray(raw)
     flipped[len(raw) // 2] ^= 0xFF
-    (folder / IDX_TRAIN).write_bytes(bytes(flipped))
-    with pytest.raises(DataError, match="train-images-idx3-ubyte.gz"):
+    (folder / IDX_TEST).write_bytes(bytes(flipped))
+    with pytest.raises(DataError, match="t10k-images-idx3-ubyte.gz"):
         load_dataset("mnist", tmp_path)
     # Recompressed content with one changed pixel: valid gzip, valid IDX, wrong sha256.
     content = bytearray(gzip.decompress(raw))
     content[1000] ^= 1
-    (folder / IDX_TRAIN).write_bytes(gzip.compress(bytes(content), compresslevel=1))
+    (folder / IDX_TEST).write_bytes(gzip.compress(bytes(content), compresslevel=1))
     with pytest.raises(DataError, match="sha256"):
         load_dataset("mnist", tmp_path)
-    assert load_dataset("mnist", tmp_path, verify=False).train.shape == (60000, 784)
+    assert load_dataset("mnist", tmp_path, verify=False).test.shape == (10000, 784)
     # The same content as the release, compressed differently, passes the check.
     content[1000] ^= 1
-    (folder / IDX_TRAIN).write_bytes(gzip.compress(bytes(content), compresslevel=1))
-    assert load_dataset("mnist", tmp_path).train.shape == (60000, 784)
+    (folder / IDX_TEST).write_bytes(gzip.compress(bytes(content), compresslevel=1))
+    assert load_dataset("mnist", tmp_path).test.shape == (10000, 784)
+    # A zero-byte file (an interrupted download) is named too.
+    (folder / IDX_TEST).write_bytes(b"")
+    with pytest.raises(DataError, match="t10k-images-idx3-ubyte.gz"):
+        load_dataset("mnist", tmp_path)
 
 
 def test_amat_fixture_and_truncation(tmp_path):
@@ -353,6 +358,40 @@ def test_tfds_conversion_mnist_like():
     np.testing.assert_array_equal(ds.train, img["train"].reshape(8, 784) / np.float32(255))
     with pytest.raises(DataError, match="shape"):
         D._dataset_from_tfds("mnist", {"train": {"image": np.zeros((2, 32, 32, 3))}, "test": {}})
+
+
+def test_tfds_conversion_from_a_list_of_examples():
+    """Iterating tfds.as_numpy(tfds.load(name, split=...)) gives per-example dicts: stacked once."""
+    rng = np.random.default_rng(6)
+    img = {
+        s: rng.integers(0, 256, (n, 28, 28, 1), dtype=np.uint8)
+        for s, n in [("train", 5), ("test", 2)]
+    }
+    examples = {
+        s: [{"image": im, "label": i % 10} for i, im in enumerate(a)] for s, a in img.items()
+    }
+    ds = D._dataset_from_tfds("mnist", examples)
+    assert ds.train.shape == (5, 784) and ds.test.shape == (2, 784) and not ds.binarized
+    np.testing.assert_array_equal(ds.train, img["train"].reshape(5, 784) / np.float32(255))
+    np.testing.assert_array_equal(ds.test, img["test"].reshape(2, 784) / np.float32(255))
+    bin_examples = {
+        s: [{"image": (im > 127).astype(np.uint8)} for im in img["train"]]
+        for s in ("train", "validation", "test")
+    }
+    bds = D._dataset_from_tfds("binarized_mnist", bin_examples)
+    assert bds.binarized and bds.valid.shape == (5, 784)
+    np.testing.assert_array_equal(bds.train, (img["train"] > 127).reshape(5, 784))
+    bad = [
+        ({"train": [], "test": examples["test"]}, "empty"),
+        ({"train": [{"label": 1}], "test": examples["test"]}, "'image' feature"),
+        ({"train": [{"image": np.zeros((28, 28, 1))}, {"image": np.zeros((27, 28, 1))}]}, "differ"),
+        ({"train": [{"image": np.zeros((32, 32, 3), np.uint8)}]}, r"expected \(N, 28, 28, C\)"),
+        ({"test": examples["test"]}, "no 'train' split"),
+        ({"train": {"label": np.zeros(3)}, "test": examples["test"]}, "no 'image' feature"),
+    ]
+    for splits, match in bad:
+        with pytest.raises(DataError, match=match):
+            D._dataset_from_tfds("mnist", splits)
 
 
 def test_tfds_conversion_binarized_mnist():

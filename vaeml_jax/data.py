@@ -649,8 +649,56 @@ def _omniglot_tfds_to_28(images: np.ndarray) -> np.ndarray:
     return _intensities(np.rint(small * 255.0).astype(np.uint8).reshape(len(images), NUM_PIXELS))
 
 
-def _dataset_from_tfds(name: str, splits: Mapping[str, Mapping[str, Any]]) -> Dataset:
-    """A :class:`Dataset` from tensorflow-datasets arrays ``{split: {"image": array, ...}}``.
+def _tfds_images(name: str, split: str, examples: Any) -> np.ndarray:
+    """The ``image`` array of one tensorflow-datasets split, batched: (N, H, W, C).
+
+    ``examples`` is either what ``tfds.as_numpy(tfds.load(name, split=split, batch_size=-1))``
+    gives (a mapping ``{"image": (N, H, W, C) array, "label": ...}``) or what iterating
+    ``tfds.as_numpy(tfds.load(name, split=split))`` gives (a sequence of per-example mappings
+    ``{"image": (H, W, C) array, ...}``), which is stacked once here.
+    """
+    tname = _TFDS_NAMES[name]
+    if isinstance(examples, Mapping):
+        if "image" not in examples:
+            raise DataError(
+                f"tensorflow-datasets {tname!r} {split!r} split has no 'image' feature "
+                f"(features: {', '.join(map(str, examples)) or 'none'})."
+            )
+        a = np.asarray(examples["image"])
+    elif examples is None or isinstance(examples, (str, bytes, np.ndarray)):
+        raise DataError(
+            f"tensorflow-datasets {tname!r} gave no {split!r} examples; expected "
+            "{'image': (N, H, W, C) array} or a sequence of {'image': (H, W, C) array}."
+        )
+    else:
+        try:
+            images = [np.asarray(ex["image"]) for ex in examples]
+        except (KeyError, TypeError, IndexError):
+            raise DataError(
+                f"tensorflow-datasets {tname!r} {split!r} examples are not all mappings with "
+                "an 'image' feature."
+            ) from None
+        if not images:
+            raise DataError(f"tensorflow-datasets {tname!r} {split!r} split is empty.")
+        if len({(im.shape, im.dtype) for im in images}) != 1:
+            raise DataError(
+                f"tensorflow-datasets {tname!r} {split!r} images differ in shape or dtype."
+            )
+        a = np.stack(images)
+    want = (105, 105) if name == "omniglot" else IMAGE_SHAPE
+    if a.ndim != 4 or a.shape[1:3] != want:
+        raise DataError(
+            f"tensorflow-datasets {tname!r} {split} images have shape {a.shape}, "
+            f"expected (N, {want[0]}, {want[1]}, C)."
+        )
+    return a
+
+
+def _dataset_from_tfds(name: str, splits: Mapping[str, Any]) -> Dataset:
+    """A :class:`Dataset` from tensorflow-datasets splits (the tfds-to-array conversion).
+
+    ``splits`` maps a split name to its examples in either form :func:`_tfds_images` takes (one
+    batched ``{"image": array}`` mapping, or a sequence of per-example mappings).
 
     ``mnist`` / ``fashion_mnist``: image (N, 28, 28, 1) uint8 -> byte / 255. ``binarized_mnist``:
     image (N, 28, 28, 1) in {0, 1}; test and validation permuted with :data:`SHUFFLE_SEED`.
@@ -658,20 +706,12 @@ def _dataset_from_tfds(name: str, splits: Mapping[str, Mapping[str, Any]]) -> Da
     """
 
     def image(split: str) -> np.ndarray:
-        try:
-            a = np.asarray(splits[split]["image"])
-        except (KeyError, TypeError):
+        if not isinstance(splits, Mapping) or split not in splits:
             raise DataError(
-                f"tensorflow-datasets {_TFDS_NAMES[name]!r} gave no {split!r} images; "
-                "expected {split: {'image': array}}."
-            ) from None
-        want = (105, 105) if name == "omniglot" else IMAGE_SHAPE
-        if a.ndim != 4 or a.shape[1:3] != want:
-            raise DataError(
-                f"tensorflow-datasets {_TFDS_NAMES[name]!r} {split} images have shape {a.shape}, "
-                f"expected (N, {want[0]}, {want[1]}, C)."
+                f"tensorflow-datasets {_TFDS_NAMES[name]!r} gave no {split!r} split; "
+                f"expected the splits {', '.join(_TFDS_SPLITS[name])}."
             )
-        return a
+        return _tfds_images(name, split, splits[split])
 
     if name == "omniglot":
         train = _omniglot_tfds_to_28(image("train"))
