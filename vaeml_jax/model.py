@@ -90,9 +90,15 @@ def check_batch(model: LatentVariableModel, params: Params, x: Any) -> tuple:
     try:
         z = jax.eval_shape(lambda p, xx, kk: model.sample_proposal(p, xx, kk, 2), params, x0, k0)
     except Exception as e:  # re-raised with the function named, the cause chained
+        hint = (
+            f" (x must be a batch of shape (B, *example_shape); if x of shape {x.shape} is ONE "
+            "example, add the batch axis: x[None])"
+            if x.ndim == 1
+            else ""
+        )
         raise ValueError(
             f"model.sample_proposal(params, x[0], key, 2) failed on x[0] of shape "
-            f"{x.shape[1:]}: {e}"
+            f"{x.shape[1:]}{hint}: {e}"
         ) from e
     if not hasattr(z, "shape") or z.ndim < 1 or z.shape[0] != 2:
         raise ValueError(
