@@ -94,6 +94,12 @@ def _check_float(name: str, value, lo: float, hi: float = math.inf) -> float:
 def _prepare(model, params, x, key):
     """Validate (model, x, key) at the boundary; returns (x as a jax array, one PRNG key)."""
     check_model(model)
+    try:
+        hash(model)
+    except TypeError as e:  # the model is a static argument of the jitted batch functions
+        raise TypeError(
+            f"the model's functions must be hashable (plain functions or bound methods): {e}"
+        ) from e
     if not hasattr(x, "shape") or not hasattr(x, "dtype"):
         x = np.asarray(x)
     if isinstance(x, jax.core.Tracer):
