@@ -65,6 +65,9 @@ def test_defaults_are_the_paper_sized_unbiased_run():
     assert TrainConfig(estimator="elbo").resolved().encoder_objective == "elbo"
     assert TrainConfig(schedule="iwae").resolved().epochs == IWAE_SCHEDULE_EPOCHS == 3280
     assert TrainConfig(likelihood="gaussian").resolved().binarization == "none"
+    if jax.default_backend() == "cpu":  # the work-queue loop: B*C/4 slots
+        assert c.num_slots == 25 and TrainConfig(num_chains=2).resolved().num_slots == 50
+    assert TrainConfig(estimator="iwae").resolved().num_slots is None
     assert TrainConfig(dataset="fashion-mnist").resolved().dataset == "fashion_mnist"
 
 

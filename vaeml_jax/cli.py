@@ -41,6 +41,15 @@ def _positive_int(s: str) -> int:
     return v
 
 
+def _slots(s: str):
+    if s.lower() in ("auto", "none"):
+        return s.lower() if s.lower() == "auto" else None
+    v = _positive_int(s)
+    if v < 1:
+        raise argparse.ArgumentTypeError("expected a positive integer, auto or none")
+    return v
+
+
 def build_parser() -> argparse.ArgumentParser:
     from vaeml_jax import __version__
 
@@ -101,8 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-iters", type=_positive_int, help="coupled-iteration cap (1000)")
     g.add_argument(
         "--num-slots",
-        type=_positive_int,
-        help="unbiased: work-queue slots (default: all lanes advance together)",
+        type=_slots,
+        metavar="P|auto|none",
+        help="unbiased: work-queue slots; auto (default): B*C/4 on CPU, none (all lanes advance "
+        "together until the slowest meets) on accelerators; same estimate either way",
     )
     g.add_argument("--num-steps", type=_positive_int, help="mcmc: CIS steps after X_0 (default 5)")
     g.add_argument("--burn-in", type=_positive_int, help="mcmc: steps not averaged (default 0)")
@@ -229,13 +240,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg, out = _resolve_train_config(args)
     resume = bool(getattr(args, "resume", False))
     cfg = cfg.resolved()
-    print(
-        f"vaeml train: {cfg.estimator} estimator (S={cfg.num_particles}"
-        + (f", k={cfg.k}, m={cfg.m}, C={cfg.num_chains}" if cfg.estimator == "unbiased" else "")
-        + f") on {cfg.dataset} ({cfg.binarization}), {cfg.epochs} epochs, batch "
-        f"{cfg.batch_size}, lr {cfg.lr:g} ({cfg.schedule}) -> {out}",
-        file=sys.stderr,
-    )
     res = train(cfg, out, resume=resume, progress=not getattr(args, "no_progress", False))
     m = res["metrics"]
     line = f"trained {res['epoch']} epochs into {out}"

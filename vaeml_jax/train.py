@@ -124,6 +124,9 @@ class TrainConfig:
     dynamically binarized MNIST, trained with the unbiased estimator H_{0:0} (S = 10 particles,
     one coupled pair per example) and an IWAE-bound encoder, Adam lr 1e-3, batch 100, 100 epochs.
 
+    ``num_slots="auto"`` resolves to B*C/4 work-queue slots on CPU and to None (the plain loop)
+    on accelerators, for the unbiased estimator (both give the same estimate for the same key).
+
     ``binarization``: ``"dynamic"`` (a fresh Bernoulli draw of every pixel each epoch, on device),
     ``"static"`` (binarized once, seed 0), ``"none"`` (the intensities themselves, for a Gaussian
     decoder); ``"auto"`` resolves to ``"dynamic"`` for a Bernoulli decoder and ``"none"`` for a
@@ -144,7 +147,7 @@ class TrainConfig:
     m: int = 0
     num_chains: int = 1
     max_iters: int = 1000
-    num_slots: int | None = None
+    num_slots: int | str | None = "auto"
     num_steps: int = 5
     burn_in: int = 0
     min_terms: int = 1
@@ -202,6 +205,10 @@ class TrainConfig:
         if cfg.binarization == "auto":
             auto_b = "none" if cfg.likelihood == "gaussian" else "dynamic"
             cfg = dataclasses.replace(cfg, binarization=auto_b)
+        if cfg.num_slots == "auto":
+            cfg = dataclasses.replace(cfg, num_slots=_auto_num_slots(cfg))
+        elif isinstance(cfg.num_slots, str) and cfg.num_slots.lower() == "none":
+            cfg = dataclasses.replace(cfg, num_slots=None)
         if cfg.encoder_objective == "auto":
             auto = {"elbo": "elbo", "sumo": "sumo_variance"}.get(cfg.estimator, "iwae")
             cfg = dataclasses.replace(cfg, encoder_objective=auto)
@@ -247,12 +254,18 @@ class TrainConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
                 raise ConfigError(f"{name} must be an integer >= {lo}, got {v!r}.")
-        if self.num_slots is not None and (
-            isinstance(self.num_slots, bool)
-            or not isinstance(self.num_slots, int)
-            or self.num_slots < 1
+        if (
+            self.num_slots is not None
+            and self.num_slots != "auto"
+            and (
+                isinstance(self.num_slots, bool)
+                or not isinstance(self.num_slots, int)
+                or self.num_slots < 1
+            )
         ):
-            raise ConfigError(f"num_slots must be a positive integer, got {self.num_slots!r}.")
+            raise ConfigError(
+                f"num_slots must be a positive integer, 'auto' or none, got {self.num_slots!r}."
+            )
         if self.max_train_examples is not None:
             v = self.max_train_examples
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -296,6 +309,15 @@ class TrainConfig:
                 f"max_train_examples ({self.max_train_examples}) is smaller than batch_size "
                 f"({self.batch_size}): an epoch would have no batch."
             )
+
+
+def _auto_num_slots(cfg: TrainConfig) -> int | None:
+    """The unbiased estimator's loop: a work queue of B*C/4 slots on CPU (its cost follows the
+    batch-mean number of coupled iterations, 3-6x faster there at the same estimate), the plain
+    all-lanes loop on accelerators (fewest sequential iterations)."""
+    if cfg.estimator != "unbiased" or jax.default_backend() != "cpu":
+        return None
+    return max(1, cfg.batch_size * cfg.num_chains // 4)
 
 
 def _parse_hidden(value) -> tuple[int, ...]:
@@ -739,6 +761,17 @@ def train(
     _write_atomic(run_dir / CONFIG_FILE, json.dumps(config.to_dict(), indent=2) + "\n")
     ckpt = Checkpointer(run_dir / CHECKPOINT_DIR, keep=config.keep_checkpoints)
     start_epoch = 0
+    log(
+        f"vaeml train: {config.estimator} estimator (S={config.num_particles}"
+        + (
+            f", k={config.k}, m={config.m}, C={config.num_chains}"
+            if config.estimator == "unbiased"
+            else ""
+        )
+        + f") on {config.dataset} ({config.binarization}, {n_train} examples), "
+        f"{config.epochs} epochs, batch {config.batch_size}, lr {config.lr:g} "
+        f"({config.schedule}) -> {run_dir}"
+    )
     try:
         if continuing and ckpt.latest_epoch() is not None:
             restored, _, start_epoch = ckpt.restore(
