@@ -163,6 +163,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="checkpoint every N epochs (default 1; 0: only at the end)",
     )
     g.add_argument("--keep-checkpoints", type=_positive_int, help="checkpoints kept (default 3)")
+    g = t.add_argument_group("devices")
+    g.add_argument(
+        "--devices",
+        type=_positive_int,
+        help="use the first N visible devices, batch sharded over them (default: all)",
+    )
+    g.add_argument(
+        "--distributed",
+        action="store_true",
+        help="call jax.distributed.initialize() first (multi-host; see README)",
+    )
 
     e = sub.add_parser(
         "evaluate",
@@ -203,7 +214,7 @@ def _resolve_train_config(args: argparse.Namespace):
     from vaeml_jax.train import TrainConfig, read_config
 
     given = vars(args).copy()
-    for key in ("command", "out", "config", "resume", "no_progress"):
+    for key in ("command", "out", "config", "resume", "no_progress", "distributed"):
         given.pop(key, None)
     cfg = TrainConfig()
     file_cfg: dict = {}
@@ -236,6 +247,11 @@ def _resolve_train_config(args: argparse.Namespace):
 
 def cmd_train(args: argparse.Namespace) -> int:
     from vaeml_jax.train import train
+
+    if getattr(args, "distributed", False):
+        import jax
+
+        jax.distributed.initialize()  # coordinator, process count and id from the environment
 
     cfg, out = _resolve_train_config(args)
     resume = bool(getattr(args, "resume", False))

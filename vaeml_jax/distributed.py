@@ -23,11 +23,21 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from vaeml_jax.estimators._common import GradientEstimator, as_key, lane_keys
 
-__all__ = ["BATCH_AXIS", "make_mesh", "data_parallel", "shard_batch", "replicate", "num_devices"]
+__all__ = [
+    "BATCH_AXIS",
+    "make_mesh",
+    "data_parallel",
+    "shard_batch",
+    "shard_batches",
+    "replicate",
+    "num_devices",
+    "check_divisible",
+]
 
 BATCH_AXIS = "batch"
 
@@ -72,6 +82,17 @@ def shard_batch(x, mesh: Mesh):
     """Place an array with the leading (batch) axis sharded over the mesh."""
     check_divisible(x.shape[0], mesh)
     return jax.device_put(x, NamedSharding(mesh, PartitionSpec(BATCH_AXIS)))
+
+
+def shard_batches(batches, mesh: Mesh):
+    """Place an epoch of batches (steps, B, ...) with the batch axis (axis 1) sharded."""
+    check_divisible(batches.shape[1], mesh)
+    sharding = NamedSharding(mesh, PartitionSpec(None, BATCH_AXIS))
+    if jax.process_count() == 1:
+        return jax.device_put(batches, sharding)
+    # Several hosts: every host built the same epoch from the same seed; each supplies its shards.
+    host = np.asarray(batches)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
 
 def replicate(tree, mesh: Mesh):

@@ -92,6 +92,7 @@ RESUMABLE_FIELDS = (
     "checkpoint_every",
     "keep_checkpoints",
     "data_dir",
+    "devices",  # a run may move between machines: the sharded step computes the same estimate
 )
 
 
@@ -168,6 +169,7 @@ class TrainConfig:
     eval_max_examples: int = 1000
     checkpoint_every: int = 1
     keep_checkpoints: int = 3
+    devices: int | None = None  # None: every visible device (data parallel over the batch)
 
     # -- construction ----------------------------------------------------------------------------
     @classmethod
@@ -266,6 +268,10 @@ class TrainConfig:
             raise ConfigError(
                 f"num_slots must be a positive integer, 'auto' or none, got {self.num_slots!r}."
             )
+        if self.devices is not None and (
+            isinstance(self.devices, bool) or not isinstance(self.devices, int) or self.devices < 1
+        ):
+            raise ConfigError(f"devices must be a positive integer, got {self.devices!r}.")
         if self.max_train_examples is not None:
             v = self.max_train_examples
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -632,7 +638,9 @@ def _prepare_run_dir(config: TrainConfig, run_dir: Path, resume: bool) -> bool:
 # ------------------------------------------------------------------------------------------------
 # The training loop
 # ------------------------------------------------------------------------------------------------
-def _epoch_record(host: dict, epoch: int, seconds: float, batch_size: int, lr: float) -> dict:
+def _epoch_record(
+    host: dict, epoch: int, seconds: float, batch_size: int, lr: float, num_devices: int = 1
+) -> dict:
     steps = host["bound"].shape[0]
     mt = host["meeting_time"].astype(np.float64)
     it = host["num_iters"].astype(np.float64)
@@ -651,7 +659,7 @@ def _epoch_record(host: dict, epoch: int, seconds: float, batch_size: int, lr: f
         "wall_time": seconds,
         "examples_per_second": examples / seconds if seconds > 0 else float("nan"),
         "lr": lr,
-        "num_devices": 1,
+        "num_devices": num_devices,
     }
 
 
@@ -698,6 +706,7 @@ def train(
     """
     from tqdm.auto import tqdm
 
+    from vaeml_jax import distributed
     from vaeml_jax.data import epoch_batches
 
     if log is None:
@@ -728,6 +737,13 @@ def train(
             f"{config.batch_size}; lower --batch-size."
         )
     steps_per_epoch = n_train // config.batch_size
+    # One code path for 1 or N devices (and hosts): the batch is sharded over a mesh.
+    try:
+        mesh = distributed.make_mesh(config.devices)
+        distributed.check_divisible(config.batch_size, mesh)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    n_devices = distributed.num_devices(mesh)
     vae = build_vae(config)
     train_dev = jnp.asarray(train_x)
     root = jax.random.key(config.seed)
@@ -737,7 +753,7 @@ def train(
     def epoch_data(epoch: int):
         data_key, steps_key = jax.random.split(jax.random.fold_in(train_root, epoch))
         batches = epoch_batches(data_key, train_dev, config.batch_size, binarize=binarize)
-        return batches, steps_key
+        return distributed.shard_batches(batches, mesh), steps_key
 
     # The data the model will see must suit its likelihood (non-binary pixels for a Bernoulli
     # decoder, NaNs, wrong width): checked on the first batch before anything is written.
@@ -746,7 +762,7 @@ def train(
 
     optimizer = make_optimizer(config)
     grad_fn = make_estimator(config, vae.model)
-    train_step = make_train_step(grad_fn, optimizer)
+    train_step = make_train_step(distributed.data_parallel(grad_fn, mesh), optimizer)
     run_step = _make_epoch_runner(train_step)
 
     init_params = vae.init(jax.random.fold_in(root, 0), data_mean=jnp.asarray(train_x.mean(0)))
@@ -781,7 +797,7 @@ def train(
             log(f"resuming {run_dir} from the checkpoint of epoch {start_epoch}")
         # Fresh and restored states placed alike (committed to the device), so a resumed run
         # compiles to the same program as an uninterrupted one (and hits the compilation cache).
-        state = jax.device_put(state, jax.devices()[0])
+        state = distributed.replicate(state, mesh)
         # Drop the records of epochs whose work was lost (after the checkpoint we resume from).
         records = [r for r in read_metrics(run_dir) if r["epoch"] <= start_epoch]
         _write_atomic(run_dir / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in records))
@@ -856,7 +872,7 @@ def train(
                         else "No checkpoint had been saved yet; lower --lr and start again."
                     )
                 )
-            record = _epoch_record(host, epoch + 1, seconds, config.batch_size, lr)
+            record = _epoch_record(host, epoch + 1, seconds, config.batch_size, lr, n_devices)
             if compile_seconds is not None:
                 record["compile_seconds"] = compile_seconds
             if eval_x is not None and ((epoch + 1) % config.eval_every == 0):
