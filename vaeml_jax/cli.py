@@ -251,7 +251,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     if getattr(args, "distributed", False):
         import jax
 
-        jax.distributed.initialize()  # coordinator, process count and id from the environment
+        env = os.environ
+        kwargs = {}
+        if "JAX_COORDINATOR_ADDRESS" in env:  # explicit set-up; else JAX's cluster auto-detection
+            kwargs = dict(
+                coordinator_address=env["JAX_COORDINATOR_ADDRESS"],
+                num_processes=int(env.get("JAX_NUM_PROCESSES", "1")),
+                process_id=int(env.get("JAX_PROCESS_ID", "0")),
+            )
+        jax.distributed.initialize(**kwargs)
 
     cfg, out = _resolve_train_config(args)
     resume = bool(getattr(args, "resume", False))
