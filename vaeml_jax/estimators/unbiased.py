@@ -95,7 +95,11 @@ def make_unbiased_grad(
         ``"iwae"`` (the IWAE-S bound of X_0 by reparameterisation), ``"elbo"`` (ELBO of X_0's S
         draws), ``"inclusive_kl"`` (an unbiased estimate of \nabla_\phi KL(p(z|x) || q_\phi) =
         -E_{p(z|x)}[\nabla_\phi \log q_\phi(z|x)], H_{k:m} applied to the same chains: the
-        reweighted-wake-sleep update made unbiased) or None (zeros).
+        reweighted-wake-sleep update made unbiased) or None (zeros). The default is ``"iwae"``
+        from a measured comparison (paper-sized model, 3,000 MNIST images, S=10, same seed, first
+        epoch): ``"iwae"`` gave mean/max meeting time 5.6/524, no capped lane and a train bound
+        of -208 nats; ``"inclusive_kl"`` 8.5/1002 with 0.1% of lanes capped at 1000 and -227
+        nats. It also reuses X_0's draws, so it costs no extra ``log_joint`` evaluation.
       num_slots: None (default) advances all B*C lanes together until the slowest has met: the
         fewest sequential iterations, best on accelerators. An int P runs a work queue of P slots
         refilled as lanes finish (:mod:`vaeml_jax.estimators._scheduled`): the work then follows
