@@ -1,0 +1,521 @@
+r"""Reproduction study (issue 4): five gradient estimators, one architecture, one evaluation.
+
+Every model is the IWAE paper's one-stochastic-layer VAE (784-200-200-50, tanh, Bernoulli decoder;
+``vaeml_jax.train.build_vae``) trained by the product itself (``vaeml_jax.train.train``: Adam, the
+same batch size, epochs, learning-rate schedule and seeds for every estimator) on dynamically
+binarized data, with
+
+* ``elbo``: the ELBO gradient averaged over S samples (the VAE);
+* ``iwae``: the IWAE-S bound's gradient;
+* ``mcmc``: the biased average of h over one CIS chain of T transitions (``make_mcmc_grad``);
+* ``unbiased``: the coupled-chain estimator H_{0:0} (``make_unbiased_grad``, Ruiz et al. 2021);
+* ``sumo``: SUMO (Luo et al. 2020) with ``min_terms = S`` (its base bound is IWAE-S) and its
+  variance-minimising encoder objective;
+
+all with the encoder objective ``vaeml_jax.train`` picks for them (``auto``). Two comparisons:
+
+1. **same S and epochs**: the five rows above;
+2. **compute-matched**: ``iwae_matched``, IWAE with S' = the number of ``log_joint`` evaluations
+   per training example that the ``--match-to`` estimator (default ``unbiased``) actually executed
+   in the same seed (``info["num_log_joint_evals"]`` summed over training, divided by the examples
+   seen), trained for the same epochs: the same evaluation budget spent on more particles instead.
+   Training wall-clock seconds are reported for every row as well.
+
+Every final model is scored with the same estimator: the importance-sampling test log-likelihood
+log (1/K) sum_k p(x, z_k)/q(z_k|x), K = ``--eval-samples`` (5000), on the first
+``--eval-examples`` examples of the test set binarized once with seed 0
+(``vaeml_jax.data.binarized_test_set``), with the same evaluation key for every model. Rows report
+the mean over seeds and its standard error (std over seeds / sqrt(n), ddof = 1), and the
+difference to IWAE-S paired by seed. The evaluation itself is checked: on the first
+``--ais-examples`` test examples of each final model of the first ``--ais-seeds`` seeds, annealed
+importance sampling (``method="ais"``) is compared with the K = 5000 IS estimate of the same
+examples (both are stochastic lower bounds of log p(x); AIS - IS > 0 means IS is loose).
+
+Settings (what each preset runs; flags override single values):
+
+* default (CPU): 10,000 training examples, 3 epochs, batch 100, constant lr 1e-3, S = 5, seeds
+  0 1 2, K = 5000 IS on 1000 test examples, AIS (500 temperatures, 16 chains) on 50 examples of
+  seed 0; about an hour per dataset on 2 shared cores (estimated from the measured MNIST run in
+  RESULTS.md, which used ``--epochs 2 --eval-examples 500``). NOT the paper's scale.
+* ``--full`` (a GPU): the IWAE paper's schedule, 3,280 epochs in 8 stages with lr 1e-3 decaying to
+  1e-4 (``schedule="iwae"``), batch 20, the full training set, K = 5000 on the full test set, AIS
+  (1000 temperatures) on 100 examples.
+* ``--quick``: a smoke run (tiny network, 200 examples, one seed, K = 20) that exercises every
+  code path in well under a minute of compute after compilation.
+
+Outputs in ``--out`` (default ``runs/reproduce``): one run directory per (dataset, label, seed) as
+written by ``vaeml_jax.train`` plus its ``result.json`` (a finished run is reused when the script
+is re-run with the same settings), ``results.json`` (settings, machine, every run, the summaries)
+and ``results.md`` (the tables). Datasets whose files are missing are skipped with a note.
+
+    python benchmarks/reproduce.py --datasets mnist --epochs 2 --eval-examples 500
+    python benchmarks/reproduce.py --full          # on a GPU
+    python benchmarks/reproduce.py --quick --out /tmp/rq
+
+Reference: Burda, Grosse & Salakhutdinov, "Importance Weighted Autoencoders", ICLR 2016 (Table 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+if str(REPO) not in sys.path:  # run from a checkout without installing
+    sys.path.insert(0, str(REPO))
+
+from vaeml_jax.data import DataError, binarized_test_set, load_dataset  # noqa: E402
+from vaeml_jax.evaluation import evaluate  # noqa: E402
+from vaeml_jax.train import TrainConfig, build_vae, read_metrics, train  # noqa: E402
+
+ESTIMATORS = ("elbo", "iwae", "mcmc", "unbiased", "sumo")
+DATASETS = ("mnist", "fashion_mnist", "omniglot")
+# Published test log-likelihoods (nats), one stochastic layer: /work/shared/PROTOCOL.md.
+PUBLISHED = {
+    "mnist": [
+        ("VAE k=1 (IWAE paper, Table 1)", -86.76),
+        ("IWAE k=5 (IWAE paper, Table 1)", -85.54),
+        ("IWAE k=50 (IWAE paper, Table 1)", -84.78),
+    ]
+}
+DATASET_NOTES = {
+    "omniglot": "vaeml's omniglot28 split (box-resampled 105->28): NOT comparable to published "
+    "Omniglot numbers (the IWAE paper's chardata.mat was not available).",
+}
+
+PRESETS = {
+    "cpu": dict(
+        max_train_examples=10_000,
+        epochs=3,
+        batch_size=100,
+        lr=1e-3,
+        schedule="constant",
+        seeds=[0, 1, 2],
+        eval_examples=1000,
+        eval_samples=5000,
+        ais_examples=50,
+        ais_steps=500,
+        ais_chains=16,
+        ais_seeds=1,
+        hidden=[200, 200],
+        latent_dim=50,
+    ),
+    "full": dict(
+        max_train_examples=None,
+        epochs=None,  # 3,280 with schedule iwae
+        batch_size=20,
+        lr=1e-3,
+        schedule="iwae",
+        seeds=[0, 1, 2],
+        eval_examples=None,  # the whole test set
+        eval_samples=5000,
+        ais_examples=100,
+        ais_steps=1000,
+        ais_chains=16,
+        ais_seeds=1,
+        hidden=[200, 200],
+        latent_dim=50,
+    ),
+    "quick": dict(
+        max_train_examples=200,
+        epochs=1,
+        batch_size=50,
+        lr=1e-3,
+        schedule="constant",
+        seeds=[0],
+        eval_examples=40,
+        eval_samples=20,
+        ais_examples=4,
+        ais_steps=5,
+        ais_chains=2,
+        ais_seeds=1,
+        hidden=[16],
+        latent_dim=4,
+    ),
+}
+
+
+def machine_info() -> dict:
+    """CPU/device, versions, date and the command line (for RESULTS.md)."""
+    cpu = platform.processor() or "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import jaxlib
+
+    dev = jax.devices()[0]
+    return {
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "jax": jax.__version__,
+        "jaxlib": jaxlib.__version__,
+        "device": f"{dev.platform}: {getattr(dev, 'device_kind', str(dev))}",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(["python", *sys.argv]),
+    }
+
+
+def mean_se(values) -> tuple[float, float]:
+    """Mean and standard error (std with ddof = 1 over sqrt(n); nan for n < 2)."""
+    v = np.asarray(values, np.float64)
+    if v.size == 0:
+        return float("nan"), float("nan")
+    se = float(np.std(v, ddof=1) / math.sqrt(v.size)) if v.size > 1 else float("nan")
+    return float(np.mean(v)), se
+
+
+def train_config(a, dataset: str, estimator: str, seed: int, num_particles: int) -> TrainConfig:
+    """The TrainConfig of one run: identical for every estimator except the estimator fields."""
+    extra = {}
+    if estimator == "sumo":
+        extra["min_terms"] = a.num_particles  # base bound IWAE-S: the "same S" for SUMO
+    return TrainConfig(
+        dataset=dataset,
+        data_dir=a.data_dir,
+        estimator=estimator,
+        num_particles=num_particles,
+        num_steps=a.mcmc_steps,
+        max_iters=a.max_iters,
+        hidden=tuple(a.hidden),
+        latent_dim=a.latent_dim,
+        epochs=a.epochs,
+        batch_size=a.batch_size,
+        lr=a.lr,
+        schedule=a.schedule,
+        seed=seed,
+        max_train_examples=a.max_train_examples,
+        checkpoint_every=0,
+        keep_checkpoints=1,
+        **extra,
+    )
+
+
+def train_and_score(a, cfg: TrainConfig, label: str, run_dir: Path, test_x, log) -> dict:
+    """Train one model (or reuse a finished run directory) and score it with IS (and AIS)."""
+    result_file = run_dir / "result.json"
+    ais_wanted = cfg.seed in a.seeds[: a.ais_seeds] and a.ais_examples > 0
+    if result_file.exists():
+        res = json.loads(result_file.read_text())
+        if res.get("config") == cfg.resolved().to_dict() and ("ais" in res or not ais_wanted):
+            log(f"  {label} seed {cfg.seed}: reusing {result_file}")
+            return res
+    if run_dir.exists():  # an unfinished or different run: start over
+        import shutil
+
+        shutil.rmtree(run_dir)
+    t0 = time.perf_counter()
+    out = train(cfg, run_dir, progress=False, log=lambda m: log("    " + m))
+    total_seconds = time.perf_counter() - t0
+    records = read_metrics(run_dir)
+    vae = build_vae(cfg.resolved())
+    params = out["params"]
+    examples = sum(r["examples"] for r in records)
+    evals = sum(r["num_log_joint_evals"] for r in records)
+    last = records[-1]
+    key = jax.random.key(a.eval_seed)  # the same evaluation key for every model
+    ev = evaluate(
+        vae.model,
+        params,
+        test_x,
+        key,
+        method="is",
+        num_samples=a.eval_samples,
+        chunk_size=min(500, a.eval_samples),
+        batch_size=100,
+    )
+    res = {
+        "label": label,
+        "dataset": cfg.dataset,
+        "estimator": cfg.estimator,
+        "seed": cfg.seed,
+        "num_particles": cfg.num_particles,
+        "config": cfg.resolved().to_dict(),
+        "epochs": len(records),
+        "train_examples_seen": int(examples),
+        "train_log_joint_evals": int(evals),
+        "evals_per_example": evals / examples,
+        "train_seconds": float(sum(r["wall_time"] for r in records)),
+        "compile_seconds": float(records[0].get("compile_seconds", float("nan"))),
+        "run_seconds": total_seconds,
+        "final_objective": last["objective"],
+        "meeting_time_mean_last_epoch": last["meeting_time_mean"],
+        "meeting_time_max_last_epoch": last["meeting_time_max"],
+        "capped_fraction_per_epoch": [r["capped_fraction"] for r in records],
+        "test_ll": ev["test_log_likelihood"],
+        "test_ll_stderr_examples": ev["test_log_likelihood_stderr"],
+        "test_elbo": ev["test_elbo"],
+        "eval_num_samples": ev["num_samples"],
+        "eval_examples": ev["num_examples"],
+        "eval_seconds": ev["seconds"],
+        "per_example_ll": [round(float(v), 4) for v in ev["per_example"]],
+    }
+    if ais_wanted:
+        n = min(a.ais_examples, test_x.shape[0])
+        ais = evaluate(
+            vae.model,
+            params,
+            test_x[:n],
+            key,
+            method="ais",
+            batch_size=min(100, n),
+            num_steps=a.ais_steps,
+            num_chains=a.ais_chains,
+        )
+        gap = ais["per_example"] - ev["per_example"][:n]
+        res["ais"] = {
+            "examples": n,
+            "num_steps": a.ais_steps,
+            "num_chains": a.ais_chains,
+            "ais_ll": ais["test_log_likelihood"],
+            "is_ll_same_examples": float(np.mean(ev["per_example"][:n])),
+            "gap_mean": float(np.mean(gap)),
+            "gap_stderr": float(np.std(gap, ddof=1) / math.sqrt(n)) if n > 1 else float("nan"),
+            "gap_max": float(np.max(gap)),
+            "seconds": ais["seconds"],
+        }
+    result_file.write_text(json.dumps(res, indent=1) + "\n")
+    log(
+        f"  {label} seed {cfg.seed}: test LL {res['test_ll']:.2f} (K={a.eval_samples}, "
+        f"{res['eval_examples']} ex), {res['evals_per_example']:.1f} evals/example, "
+        f"train {res['train_seconds']:.0f}s"
+        + (f", AIS-IS gap {res['ais']['gap_mean']:+.3f}" if "ais" in res else "")
+    )
+    return res
+
+
+def summarize(runs: list[dict], reference: str = "iwae") -> list[dict]:
+    """One row per label: mean/SE over seeds, and the seed-paired difference to ``reference``."""
+    labels = list(dict.fromkeys(r["label"] for r in runs))
+    ref = {r["seed"]: r["test_ll"] for r in runs if r["label"] == reference}
+    rows = []
+    for label in labels:
+        rs = sorted((r for r in runs if r["label"] == label), key=lambda r: r["seed"])
+        ll_m, ll_se = mean_se([r["test_ll"] for r in rs])
+        el_m, el_se = mean_se([r["test_elbo"] for r in rs])
+        diffs = [r["test_ll"] - ref[r["seed"]] for r in rs if r["seed"] in ref]
+        d_m, d_se = mean_se(diffs) if label != reference else (0.0, 0.0)
+        ais = [r["ais"] for r in rs if "ais" in r]
+        rows.append(
+            {
+                "label": label,
+                "estimator": rs[0]["estimator"],
+                "num_particles": [r["num_particles"] for r in rs],
+                "seeds": [r["seed"] for r in rs],
+                "test_ll": ll_m,
+                "test_ll_se": ll_se,
+                "test_ll_per_seed": [r["test_ll"] for r in rs],
+                "diff_vs_ref": d_m,
+                "diff_vs_ref_se": d_se,
+                "test_elbo": el_m,
+                "test_elbo_se": el_se,
+                "evals_per_example": float(np.mean([r["evals_per_example"] for r in rs])),
+                "train_seconds": float(np.mean([r["train_seconds"] for r in rs])),
+                "final_objective": float(np.mean([r["final_objective"] for r in rs])),
+                "capped_fraction": float(
+                    np.mean([np.mean(r["capped_fraction_per_epoch"]) for r in rs])
+                ),
+                "ais_gap": [(x["gap_mean"], x["gap_stderr"]) for x in ais],
+            }
+        )
+    return rows
+
+
+def _f(v: float, d: int = 2) -> str:
+    return "n/a" if v is None or not math.isfinite(v) else f"{v:.{d}f}"
+
+
+def markdown(results: dict) -> str:
+    s = results["settings"]
+    lines = []
+    for ds, block in results["datasets"].items():
+        lines += [f"### {ds}", ""]
+        if "skipped" in block:
+            lines += [f"Skipped: {block['skipped']}", ""]
+            continue
+        if ds in DATASET_NOTES:
+            lines += [DATASET_NOTES[ds], ""]
+        lines += [
+            f"{block['train_examples']} training examples (dynamic binarization), "
+            f"{s['epochs']} epochs, batch {s['batch_size']}, lr {s['lr']:g} ({s['schedule']}), "
+            f"S = {s['num_particles']}, seeds {s['seeds']}; test LL = IS with "
+            f"K = {s['eval_samples']} on {block['eval_examples']} test examples (binarized once, "
+            "seed 0), nats, higher is better; mean +- SE over seeds; diff = paired by seed vs "
+            "IWAE-S.",
+            "",
+            "| estimator | S | test LL | diff vs IWAE-S | test ELBO (10 samples) | "
+            "log_joint evals / train example | train s (per seed) | final train objective | "
+            "capped lanes | AIS - IS (seed 0) |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        for r in block["summary"]:
+            ss = sorted(set(r["num_particles"]))
+            s_txt = "/".join(str(v) for v in ss)
+            gap = "; ".join(f"{g:+.3f} +- {e:.3f}" for g, e in r["ais_gap"]) if r["ais_gap"] else ""
+            lines.append(
+                f"| {r['label']} | {s_txt} | {_f(r['test_ll'])} +- {_f(r['test_ll_se'])} | "
+                f"{_f(r['diff_vs_ref'])} +- {_f(r['diff_vs_ref_se'])} | "
+                f"{_f(r['test_elbo'])} +- {_f(r['test_elbo_se'])} | "
+                f"{r['evals_per_example']:.1f} | {r['train_seconds']:.0f} | "
+                f"{_f(r['final_objective'])} | {r['capped_fraction']:.2e} | {gap} |"
+            )
+        lines.append("")
+        lines += ["Per seed (test LL):", ""]
+        lines += ["| estimator | " + " | ".join(f"seed {x}" for x in s["seeds"]) + " |"]
+        lines += ["| --- |" + " --- |" * len(s["seeds"])]
+        for r in block["summary"]:
+            per = dict(zip(r["seeds"], r["test_ll_per_seed"], strict=True))
+            lines.append(
+                f"| {r['label']} | "
+                + " | ".join(_f(per.get(x, float("nan"))) for x in s["seeds"])
+                + " |"
+            )
+        lines.append("")
+        if ds in PUBLISHED:
+            lines += [
+                "Published (full training set, 3,280 epochs, K = 5000 on all 10,000 test "
+                "examples; for scale only, not the same experiment):",
+                "",
+                "| model | test LL |",
+                "| --- | --- |",
+            ]
+            lines += [f"| {name} | {v:.2f} |" for name, v in PUBLISHED[ds]]
+            lines.append("")
+    return "\n".join(lines)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--full", action="store_true", help="the IWAE paper's schedule (a GPU)")
+    g.add_argument("--quick", action="store_true", help="smoke run: tiny model, one seed")
+    p.add_argument("--datasets", nargs="+", default=list(DATASETS))
+    p.add_argument("--estimators", nargs="+", default=list(ESTIMATORS), choices=ESTIMATORS)
+    p.add_argument("--seeds", type=int, nargs="+")
+    p.add_argument("--num-particles", type=int, default=5, help="S (default 5)")
+    p.add_argument("--mcmc-steps", type=int, default=5, help="T for the mcmc estimator")
+    p.add_argument("--max-iters", type=int, default=1000, help="cap of the unbiased estimator")
+    p.add_argument(
+        "--match-to",
+        default="unbiased",
+        help="estimator whose evaluation count the iwae_matched row gets ('none': "
+        "no compute-matched row)",
+    )
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--max-train-examples", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--schedule", choices=["constant", "iwae"])
+    p.add_argument("--eval-examples", type=int, help="first N test examples (default per preset)")
+    p.add_argument("--eval-samples", type=int, help="K of the IS test log-likelihood")
+    p.add_argument("--eval-seed", type=int, default=1234)
+    p.add_argument("--ais-examples", type=int)
+    p.add_argument("--ais-steps", type=int)
+    p.add_argument("--ais-chains", type=int)
+    p.add_argument("--ais-seeds", type=int, help="AIS check on the first N seeds' models")
+    p.add_argument("--data-dir", default=os.environ.get("VAEML_DATA_DIR"))
+    p.add_argument("--out", default=str(REPO / "runs" / "reproduce"))
+    p.add_argument(
+        "--compilation-cache",
+        default=str(REPO / ".jax_cache"),
+        help="persistent XLA cache ('' to disable)",
+    )
+    a = p.parse_args(argv)
+    preset = PRESETS["full" if a.full else "quick" if a.quick else "cpu"]
+    for name, value in preset.items():
+        if getattr(a, name, None) is None:
+            setattr(a, name, value)
+    if a.num_particles < 2:
+        p.error("--num-particles must be >= 2 (the CIS-based estimators need two particles).")
+    if a.match_to != "none" and a.match_to not in a.estimators:
+        p.error(f"--match-to {a.match_to} is not among --estimators {a.estimators}.")
+    if "iwae" not in a.estimators:
+        p.error("--estimators must include iwae (the reference of the paired differences).")
+    return a
+
+
+def main(argv=None) -> dict:
+    a = parse_args(argv)
+    if a.compilation_cache:
+        jax.config.update("jax_compilation_cache_dir", a.compilation_cache)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    def log(msg: str) -> None:
+        print(msg, flush=True)
+
+    settings = {
+        k: v for k, v in vars(a).items() if k not in ("out", "data_dir", "compilation_cache")
+    }
+    results = {"settings": settings, "machine": machine_info(), "datasets": {}}
+    log(f"reproduce: {json.dumps(settings)}")
+    for ds in a.datasets:
+        try:
+            dataset = load_dataset(ds, a.data_dir)
+        except DataError as e:
+            log(f"{ds}: skipped ({e})")
+            results["datasets"][ds] = {"skipped": str(e).splitlines()[0]}
+            continue
+        test_x = np.asarray(binarized_test_set(dataset, seed=0), np.float32)
+        if a.eval_examples is not None:
+            test_x = test_x[: a.eval_examples]
+        n_train = dataset.train.shape[0]
+        if a.max_train_examples is not None:
+            n_train = min(n_train, a.max_train_examples)
+        log(f"{ds}: {n_train} training examples, {test_x.shape[0]} test examples")
+        runs = []
+        for seed in a.seeds:
+            for est in a.estimators:
+                cfg = train_config(a, ds, est, seed, a.num_particles)
+                runs.append(
+                    train_and_score(a, cfg, est, out / ds / est / f"seed{seed}", test_x, log)
+                )
+            if a.match_to != "none":
+                src = next(r for r in runs if r["label"] == a.match_to and r["seed"] == seed)
+                s_matched = max(2, int(round(src["evals_per_example"])))
+                cfg = train_config(a, ds, "iwae", seed, s_matched)
+                runs.append(
+                    train_and_score(
+                        a,
+                        cfg,
+                        "iwae_matched",
+                        out / ds / "iwae_matched" / f"seed{seed}",
+                        test_x,
+                        log,
+                    )
+                )
+        results["datasets"][ds] = {
+            "train_examples": int(n_train),
+            "eval_examples": int(test_x.shape[0]),
+            "runs": [{k: v for k, v in r.items() if k != "per_example_ll"} for r in runs],
+            "summary": summarize(runs),
+            "published": PUBLISHED.get(ds, []),
+        }
+    md = markdown(results)
+    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    (out / "results.md").write_text(md + "\n")
+    print("\n" + md)
+    log(f"wrote {out / 'results.json'} and {out / 'results.md'}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

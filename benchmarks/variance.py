@@ -1,0 +1,580 @@
+r"""Gradient variance against cost, meeting times and encoder objectives (issue 4).
+
+Four measurements on the IWAE paper's one-layer MNIST VAE (``vaeml_jax.train.build_vae``):
+
+1. **Brief training** through the product (``vaeml_jax.train.train``) with the unbiased estimator
+   H_{0:0} (S particles) under each encoder objective in ``--encoder-objectives`` (``elbo``,
+   ``iwae``, ``inclusive_kl``): the run is resumed one epoch at a time so the per-example meeting
+   times of EVERY epoch (``meeting_times.npy``) are kept, with the capped fraction and wall time;
+   each final model gets an IS test log-likelihood (K = ``--eval-samples``). The ``iwae`` run's
+   final parameters are "the briefly trained model" of parts 2-3.
+2. **Gradient variance against cost**, at initialization (the same initialization ``train`` uses)
+   and at the briefly trained model, for ONE fixed minibatch (the first ``--var-batch`` training
+   images, binarized once with seed 0): R = ``--replicates`` independent calls of each estimator
+   (keys ``fold_in(key, r)``); for the decoder's parameters theta_d (the ones whose gradient the
+   estimators target; the encoder gets its own objective's gradient) the trace of the covariance
+
+       tr Cov = sum_j Var(g_j) ~= R/(R-1) mean_r ||g_r - g_bar||^2,
+
+   with standard error std_r(||g_r - g_bar||^2)/sqrt(R), against the ``log_joint`` evaluations per
+   example: ``executed`` is ``info["num_log_joint_evals"]/B`` (the plain loop runs masked lanes
+   to the batch maximum), ``own`` is each lane's own 2S + (S+1) num_iters (what a perfect scheduler
+   pays). IWAE-S for S in ``--iwae-s`` and the unbiased estimator for S in ``--unbiased-s`` at
+   k = m = 0 and for (k, m) in ``--km`` at S = ``--num-particles``. Because the unbiased estimator
+   has mean grad log p(x) exactly (up to capped lanes), the squared bias of IWAE-S,
+   ||E g_IWAE - E g_unb||^2, is estimated as ||g_bar_IWAE - g_bar_ref||^2 minus the two noise
+   terms tr Cov/R, with the unbiased configuration of smallest tr Cov/R as the reference.
+3. **Meeting-time distributions** over S (the lanes of part 2, init and trained) and over training
+   (part 1, per epoch), as survival functions P(tau > t), with the fraction of capped lanes.
+4. **Encoder objective**: meeting times per epoch and test log-likelihood per objective (part 1).
+
+Outputs: ``--json`` (default ``runs/variance/variance.json``), a markdown summary on stdout, and
+PNG figures in ``--plots`` (default ``benchmarks/plots``): ``variance_vs_cost.png``,
+``meeting_times_by_s.png``, ``meeting_times_training.png``.
+
+    python benchmarks/variance.py                  # CPU defaults (see RESULTS.md for the time)
+    python benchmarks/variance.py --quick --plots /tmp/p --json /tmp/v.json   # smoke run
+
+References: Ruiz, Titsias, Cemgil & Doucet (UAI 2021); Jacob, O'Leary & Atchade (JRSS-B 2020);
+Burda, Grosse & Salakhutdinov (ICLR 2016).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+if str(REPO) not in sys.path:  # run from a checkout without installing
+    sys.path.insert(0, str(REPO))
+if str(HERE) not in sys.path:
+    sys.path.insert(0, str(HERE))
+
+from reproduce import machine_info  # noqa: E402
+
+import vaeml_jax as vj  # noqa: E402
+from vaeml_jax.data import binarize_static, binarized_test_set, load_dataset  # noqa: E402
+from vaeml_jax.evaluation import evaluate  # noqa: E402
+from vaeml_jax.train import (  # noqa: E402
+    MEETING_TIMES_FILE,
+    TrainConfig,
+    build_vae,
+    read_metrics,
+    train,
+)
+
+PRESETS = {
+    "cpu": dict(
+        train_examples=2000,
+        epochs=3,
+        batch_size=100,
+        num_particles=5,
+        encoder_objectives=["elbo", "iwae", "inclusive_kl"],
+        eval_samples=1000,
+        eval_examples=500,
+        var_batch=20,
+        replicates=48,
+        iwae_s=[2, 5, 10, 50],
+        unbiased_s=[2, 5, 10, 20],
+        km=["0,2", "2,4"],
+        hidden=[200, 200],
+        latent_dim=50,
+    ),
+    "quick": dict(
+        train_examples=200,
+        epochs=2,
+        batch_size=50,
+        num_particles=3,
+        encoder_objectives=["iwae", "inclusive_kl"],
+        eval_samples=20,
+        eval_examples=20,
+        var_batch=4,
+        replicates=4,
+        iwae_s=[2],
+        unbiased_s=[2],
+        km=["0,1"],
+        hidden=[16],
+        latent_dim=4,
+    ),
+}
+
+
+# ------------------------------------------------------------------------------------ statistics
+def trace_cov(g: np.ndarray) -> tuple[float, float]:
+    """tr Cov of R vectors g (R, P): R/(R-1) mean ||g_r - g_bar||^2, and its standard error."""
+    r = g.shape[0]
+    d = np.sum((g - g.mean(0)) ** 2, axis=1) * r / (r - 1)
+    return float(d.mean()), float(d.std(ddof=1) / math.sqrt(r)) if r > 1 else float("nan")
+
+
+def survival(tau: np.ndarray, t_max: int) -> tuple[np.ndarray, np.ndarray]:
+    """P(tau > t) for t = 0..t_max (the empirical survival function)."""
+    t = np.arange(t_max + 1)
+    tau = np.sort(np.asarray(tau).ravel())
+    return t, 1.0 - np.searchsorted(tau, t, side="right") / tau.size
+
+
+def tau_stats(tau: np.ndarray) -> dict:
+    tau = np.asarray(tau, np.float64).ravel()
+    return {
+        "lanes": int(tau.size),
+        "mean": float(tau.mean()),
+        "median": float(np.median(tau)),
+        "p90": float(np.percentile(tau, 90)),
+        "p99": float(np.percentile(tau, 99)),
+        "max": int(tau.max()),
+    }
+
+
+# ----------------------------------------------------------------------------------- the parts
+def brief_training(a, log) -> dict:
+    """Part 1: unbiased-estimator runs per encoder objective, one epoch at a time."""
+    out = {}
+    ds = load_dataset(a.dataset, a.data_dir)
+    test_x = np.asarray(binarized_test_set(ds, seed=0), np.float32)[: a.eval_examples]
+    for obj in a.encoder_objectives:
+        cfg = TrainConfig(
+            dataset=a.dataset,
+            data_dir=a.data_dir,
+            estimator="unbiased",
+            num_particles=a.num_particles,
+            encoder_objective=obj,
+            hidden=tuple(a.hidden),
+            latent_dim=a.latent_dim,
+            batch_size=a.batch_size,
+            max_train_examples=a.train_examples,
+            seed=a.seed,
+            checkpoint_every=1,
+            keep_checkpoints=1,
+        )
+        run_dir = Path(a.work) / f"train_{obj}"
+        shutil.rmtree(run_dir, ignore_errors=True)
+        taus, params = [], None
+        for epoch in range(1, a.epochs + 1):
+            res = train(
+                TrainConfig.from_dict({"epochs": epoch}, base=cfg),
+                run_dir,
+                resume=epoch > 1,
+                progress=False,
+                log=lambda m: log("    " + m),
+            )
+            taus.append(np.load(run_dir / MEETING_TIMES_FILE))
+            params = res["params"]
+        records = read_metrics(run_dir)
+        vae = build_vae(cfg.resolved())
+        ev = evaluate(
+            vae.model,
+            params,
+            test_x,
+            jax.random.key(a.eval_seed),
+            num_samples=a.eval_samples,
+            chunk_size=min(500, a.eval_samples),
+        )
+        out[obj] = {
+            "params": params,
+            "vae": vae,
+            "meeting_times": taus,
+            "record": {
+                "per_epoch": [
+                    {
+                        **tau_stats(t),
+                        "capped_fraction": r["capped_fraction"],
+                        "objective": r["objective"],
+                        "wall_time": r["wall_time"],
+                        "evals_per_example": r["num_log_joint_evals"] / r["examples"],
+                    }
+                    for t, r in zip(taus, records, strict=True)
+                ],
+                "test_ll": ev["test_log_likelihood"],
+                "test_ll_stderr_examples": ev["test_log_likelihood_stderr"],
+                "test_elbo": ev["test_elbo"],
+                "eval_samples": a.eval_samples,
+                "eval_examples": int(test_x.shape[0]),
+            },
+        }
+        log(
+            f"  encoder {obj}: test LL {ev['test_log_likelihood']:.2f}, per epoch tau "
+            + ", ".join(f"{p['mean']:.2f}/{p['max']}" for p in out[obj]["record"]["per_epoch"])
+        )
+    return out
+
+
+def estimator_configs(a) -> list[dict]:
+    cfgs = [{"name": f"iwae S={s}", "kind": "iwae", "S": s, "k": 0, "m": 0} for s in a.iwae_s]
+    cfgs += [
+        {"name": f"unbiased S={s} k=0 m=0", "kind": "unbiased", "S": s, "k": 0, "m": 0}
+        for s in a.unbiased_s
+    ]
+    for km in a.km:
+        k, m = (int(v) for v in km.split(","))
+        cfgs.append(
+            {
+                "name": f"unbiased S={a.num_particles} k={k} m={m}",
+                "kind": "unbiased",
+                "S": a.num_particles,
+                "k": k,
+                "m": m,
+            }
+        )
+    return cfgs
+
+
+def make_grad(model, c: dict, max_iters: int):
+    if c["kind"] == "iwae":
+        return vj.make_iwae_grad(model, num_particles=c["S"])
+    return vj.make_unbiased_grad(
+        model, num_particles=c["S"], k=c["k"], m=c["m"], max_iters=max(max_iters, c["m"])
+    )
+
+
+def decoder_flat(grads) -> jax.Array:
+    return jnp.concatenate([jnp.ravel(v) for v in jax.tree.leaves(grads["decoder"])])
+
+
+def variance_study(a, vae, states: dict, x: np.ndarray, log) -> list[dict]:
+    """Part 2 (and the lanes of part 3): R replicates per (estimator config, model state)."""
+    rows = []
+    x = jnp.asarray(x)
+    B = x.shape[0]
+    for c in estimator_configs(a):
+        est = make_grad(vae.model, c, a.max_iters)
+
+        @jax.jit
+        def call(params, key, est=est):
+            g, info = est(params, x, key)
+            return decoder_flat(g), info
+
+        for state_name, params in states.items():
+            t0 = time.perf_counter()
+            gs, taus, iters, capped, evals = [], [], [], [], []
+            for r in range(a.replicates):
+                g, info = call(params, jax.random.fold_in(jax.random.key(a.seed + 7), r))
+                gs.append(np.asarray(g, np.float64))
+                taus.append(np.asarray(info["meeting_time"]))
+                iters.append(np.asarray(info["num_iters"]))
+                capped.append(np.asarray(info["capped"]))
+                evals.append(int(info["num_log_joint_evals"]) / B)
+            g = np.stack(gs)
+            tc, tc_se = trace_cov(g)
+            iters = np.stack(iters)
+            S = c["S"]
+            own = 2 * S + (S + 1) * iters if c["kind"] == "unbiased" else np.full(iters.shape, S)
+            row = {
+                **c,
+                "state": state_name,
+                "replicates": a.replicates,
+                "batch": int(B),
+                "trace_cov": tc,
+                "trace_cov_se": tc_se,
+                "mean_grad": g.mean(0),
+                "evals_executed": float(np.mean(evals)),
+                "evals_own": float(np.mean(own)),
+                "capped_fraction": float(np.mean(np.stack(capped))),
+                "seconds": time.perf_counter() - t0,
+            }
+            if c["kind"] == "unbiased":
+                row["meeting_times"] = np.stack(taus).ravel()
+                row["tau"] = tau_stats(row["meeting_times"])
+            rows.append(row)
+            log(
+                f"  {c['name']:<24} {state_name:<8} trCov {tc:.4g} +- {tc_se:.2g}, "
+                f"evals/example own {row['evals_own']:.1f} executed {row['evals_executed']:.1f}, "
+                f"capped {row['capped_fraction']:.3f}, {row['seconds']:.1f}s"
+            )
+    # Squared bias of each IWAE-S against the best-determined unbiased mean (same state).
+    for state_name in states:
+        unb = [r for r in rows if r["state"] == state_name and r["kind"] == "unbiased"]
+        if not unb:
+            continue
+        ref = min(unb, key=lambda r: r["trace_cov"] / r["replicates"])
+        for r in rows:
+            if r["state"] == state_name and r["kind"] == "iwae":
+                d2 = float(np.sum((r["mean_grad"] - ref["mean_grad"]) ** 2))
+                noise = r["trace_cov"] / r["replicates"] + ref["trace_cov"] / ref["replicates"]
+                r["bias_sq"] = d2 - noise
+                r["bias_sq_noise"] = noise
+                r["bias_ref"] = ref["name"]
+    return rows
+
+
+# ----------------------------------------------------------------------------------- plots
+def plot_all(a, rows, training, plots: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plots.mkdir(parents=True, exist_ok=True)
+    written = []
+    states = list(dict.fromkeys(r["state"] for r in rows))
+
+    # variance against cost
+    fig, axes = plt.subplots(1, len(states), figsize=(5.5 * len(states), 4.2), squeeze=False)
+    for ax, st in zip(axes[0], states, strict=True):
+        rs = [r for r in rows if r["state"] == st]
+        for kind, marker in (("iwae", "o"), ("unbiased", "s")):
+            line = [r for r in rs if r["kind"] == kind and r["k"] == 0 and r["m"] == 0]
+            line.sort(key=lambda r: r["S"])
+            if line:
+                ax.errorbar(
+                    [r["evals_own"] for r in line],
+                    [r["trace_cov"] for r in line],
+                    yerr=[r["trace_cov_se"] for r in line],
+                    marker=marker,
+                    capsize=2,
+                    label=f"{kind} (k=m=0), S = " + ",".join(str(r["S"]) for r in line),
+                )
+                for r in line:
+                    ax.annotate(
+                        f"S={r['S']}",
+                        (r["evals_own"], r["trace_cov"]),
+                        fontsize=7,
+                        xytext=(3, 3),
+                        textcoords="offset points",
+                    )
+            if kind == "unbiased":
+                for r in line:
+                    ax.plot(r["evals_executed"], r["trace_cov"], "x", color="gray", ms=5)
+        for r in rs:
+            if r["kind"] == "unbiased" and (r["k"], r["m"]) != (0, 0):
+                ax.errorbar(
+                    r["evals_own"],
+                    r["trace_cov"],
+                    yerr=r["trace_cov_se"],
+                    marker="^",
+                    capsize=2,
+                    ls="none",
+                    label=f"unbiased S={r['S']} k={r['k']} m={r['m']}",
+                )
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("log_joint evaluations per example (lane's own; x: executed, plain loop)")
+        ax.set_ylabel("tr Cov of the decoder gradient")
+        ax.set_title(f"{st}: fixed minibatch of {rs[0]['batch']}, {rs[0]['replicates']} replicates")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    p = plots / "variance_vs_cost.png"
+    fig.savefig(p, dpi=110)
+    plt.close(fig)
+    written.append(str(p))
+
+    # meeting times by S
+    fig, axes = plt.subplots(1, len(states), figsize=(5.5 * len(states), 4.2), squeeze=False)
+    for ax, st in zip(axes[0], states, strict=True):
+        for r in rows:
+            if r["state"] == st and r["kind"] == "unbiased" and (r["k"], r["m"]) == (0, 0):
+                t, s = survival(r["meeting_times"], int(r["meeting_times"].max()))
+                ax.step(
+                    t[1:],
+                    np.maximum(s[1:], 1e-6),
+                    where="post",
+                    label=f"S={r['S']} (capped {r['capped_fraction']:.1%})",
+                )
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_ylim(0.5 / max(1, rows[0]["replicates"] * rows[0]["batch"]), 1.1)
+        ax.set_xlabel("t")
+        ax.set_ylabel("P(meeting time > t)")
+        ax.set_title(f"meeting times by S ({st})")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    p = plots / "meeting_times_by_s.png"
+    fig.savefig(p, dpi=110)
+    plt.close(fig)
+    written.append(str(p))
+
+    # meeting times over training, per encoder objective
+    objs = list(training)
+    fig, axes = plt.subplots(1, len(objs), figsize=(5 * len(objs), 4.0), squeeze=False, sharey=True)
+    for ax, obj in zip(axes[0], objs, strict=True):
+        for e, tau in enumerate(training[obj]["meeting_times"], start=1):
+            t, s = survival(tau, int(tau.max()))
+            ax.step(t[1:], np.maximum(s[1:], 1e-6), where="post", label=f"epoch {e}")
+        rec = training[obj]["record"]
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("t")
+        ax.set_title(
+            f"encoder {obj}: test LL {rec['test_ll']:.1f} (K={rec['eval_samples']})", fontsize=9
+        )
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel("P(meeting time > t), all training lanes of the epoch")
+    fig.tight_layout()
+    p = plots / "meeting_times_training.png"
+    fig.savefig(p, dpi=110)
+    plt.close(fig)
+    written.append(str(p))
+    return written
+
+
+# ----------------------------------------------------------------------------------- report
+def markdown(a, rows, training) -> str:
+    lines = ["#### Gradient variance against cost (decoder gradient, fixed minibatch)", ""]
+    lines += [
+        "| estimator | model | tr Cov +- SE | evals/example (own) | evals/example (executed) | "
+        "tr Cov x own evals | squared bias (noise) | capped lanes | tau mean / p99 / max |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        bias = f"{r['bias_sq']:.3g} ({r['bias_sq_noise']:.2g})" if "bias_sq" in r else ""
+        tau = (
+            f"{r['tau']['mean']:.2f} / {r['tau']['p99']:.0f} / {r['tau']['max']}"
+            if "tau" in r
+            else ""
+        )
+        lines.append(
+            f"| {r['name']} | {r['state']} | {r['trace_cov']:.4g} +- {r['trace_cov_se']:.2g} | "
+            f"{r['evals_own']:.1f} | {r['evals_executed']:.1f} | "
+            f"{r['trace_cov'] * r['evals_own']:.4g} | {bias} | {r['capped_fraction']:.4f} | "
+            f"{tau} |"
+        )
+    lines += [
+        "",
+        "#### Meeting times over training, by encoder objective (unbiased, "
+        f"S = {a.num_particles}, k = m = 0)",
+        "",
+    ]
+    lines += [
+        "| encoder objective | epoch | lanes | tau mean | median | p90 | p99 | max | capped | "
+        "train objective | epoch s | test LL (K) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for obj, tr in training.items():
+        rec = tr["record"]
+        for e, p in enumerate(rec["per_epoch"], start=1):
+            ll = (
+                f"{rec['test_ll']:.2f} +- {rec['test_ll_stderr_examples']:.2f} "
+                f"({rec['eval_samples']})"
+                if e == len(rec["per_epoch"])
+                else ""
+            )
+            lines.append(
+                f"| {obj} | {e} | {p['lanes']} | {p['mean']:.2f} | {p['median']:.0f} | "
+                f"{p['p90']:.0f} | {p['p99']:.0f} | {p['max']} | {p['capped_fraction']:.4f} | "
+                f"{p['objective']:.2f} | {p['wall_time']:.0f} | {ll} |"
+            )
+    return "\n".join(lines)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--quick", action="store_true", help="smoke run: tiny model, few replicates")
+    p.add_argument("--dataset", default="mnist")
+    p.add_argument("--train-examples", type=int)
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--num-particles", type=int, help="S of the training runs and the (k, m) rows")
+    p.add_argument("--encoder-objectives", nargs="+", choices=["elbo", "iwae", "inclusive_kl"])
+    p.add_argument("--eval-samples", type=int)
+    p.add_argument("--eval-examples", type=int)
+    p.add_argument("--eval-seed", type=int, default=1234)
+    p.add_argument("--var-batch", type=int, help="size of the fixed minibatch")
+    p.add_argument("--replicates", type=int)
+    p.add_argument("--iwae-s", type=int, nargs="+")
+    p.add_argument("--unbiased-s", type=int, nargs="+")
+    p.add_argument("--km", nargs="*", help="'k,m' pairs for the unbiased estimator at S")
+    p.add_argument("--max-iters", type=int, default=1000)
+    p.add_argument("--hidden", type=int, nargs="+")
+    p.add_argument("--latent-dim", type=int)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data-dir", default=os.environ.get("VAEML_DATA_DIR"))
+    p.add_argument(
+        "--work",
+        default=str(REPO / "runs" / "variance"),
+        help="run directories of the brief training",
+    )
+    p.add_argument("--json", default=None, help="default: <work>/variance.json")
+    p.add_argument("--plots", default=str(HERE / "plots"))
+    p.add_argument("--compilation-cache", default=str(REPO / ".jax_cache"))
+    a = p.parse_args(argv)
+    for name, value in PRESETS["quick" if a.quick else "cpu"].items():
+        if getattr(a, name, None) is None:
+            setattr(a, name, value)
+    if a.replicates < 2:
+        p.error("--replicates must be >= 2 (a covariance needs two replicates).")
+    if "iwae" not in a.encoder_objectives:
+        p.error("--encoder-objectives must include iwae (its run is the trained model).")
+    if min(a.unbiased_s + [a.num_particles]) < 2 or min(a.iwae_s) < 1:
+        p.error("unbiased S must be >= 2 and IWAE S >= 1.")
+    for km in a.km:
+        try:
+            k, m = (int(v) for v in km.split(","))
+        except ValueError:
+            p.error(f"--km takes 'k,m' pairs like 0,2; got {km!r}.")
+        if not 0 <= k <= m:
+            p.error(f"--km needs 0 <= k <= m, got {km!r}.")
+    if a.json is None:
+        a.json = str(Path(a.work) / "variance.json")
+    return a
+
+
+def main(argv=None) -> dict:
+    a = parse_args(argv)
+    if a.compilation_cache:
+        jax.config.update("jax_compilation_cache_dir", a.compilation_cache)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+    def log(msg: str) -> None:
+        print(msg, flush=True)
+
+    t_start = time.perf_counter()
+    settings = {k: v for k, v in vars(a).items() if k not in ("data_dir", "compilation_cache")}
+    log(f"variance: {json.dumps(settings)}")
+    log("part 1: brief training per encoder objective")
+    training = brief_training(a, log)
+    vae = training["iwae"]["vae"]
+    ds = load_dataset(a.dataset, a.data_dir)
+    x = binarize_static(np.asarray(ds.train[: a.var_batch], np.float32), seed=0)
+    root = jax.random.key(a.seed)  # the initialization train() uses: fold_in(root, 0)
+    init = vae.init(
+        jax.random.fold_in(root, 0),
+        data_mean=jnp.asarray(np.asarray(ds.train[: a.train_examples], np.float32).mean(0)),
+    )
+    states = {"init": init, f"trained ({a.epochs} ep)": training["iwae"]["params"]}
+    log("part 2: gradient variance against cost")
+    rows = variance_study(a, vae, states, x, log)
+    written = plot_all(a, rows, training, Path(a.plots))
+    md = markdown(a, rows, training)
+    result = {
+        "settings": settings,
+        "machine": machine_info(),
+        "seconds": time.perf_counter() - t_start,
+        "variance": [
+            {
+                k: (v.tolist() if isinstance(v, np.ndarray) and k != "mean_grad" else v)
+                for k, v in r.items()
+                if k != "mean_grad"
+            }
+            for r in rows
+        ],
+        "training": {
+            obj: {
+                **tr["record"],
+                "meeting_times": [t.ravel().tolist() for t in tr["meeting_times"]],
+            }
+            for obj, tr in training.items()
+        },
+        "plots": written,
+    }
+    Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.json).write_text(json.dumps(result) + "\n")
+    print("\n" + md)
+    log(f"wrote {a.json} and {', '.join(written)} in {result['seconds']:.0f}s")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,81 @@
+"""Smoke tests: ``benchmarks/reproduce.py --quick`` and ``benchmarks/variance.py --quick`` run
+end to end and write their outputs (no assertions on the numbers, which are those of a 200-example,
+one-epoch run of a tiny network).
+
+Runtime on the shared 2-core CPU: reproduce ~25-55 s, variance ~35-90 s (almost all XLA
+compilation; the lower figures with the repository's persistent compilation cache warm).
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _run(args, data_dir, timeout=600):
+    env = dict(os.environ, VAEML_DATA_DIR=str(data_dir), JAX_PLATFORMS="cpu")
+    proc = subprocess.run(
+        [sys.executable, *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+@pytest.mark.slow
+def test_reproduce_quick_writes_results(data_dir, tmp_path):
+    out = tmp_path / "rep"
+    proc = _run(
+        [
+            str(REPO / "benchmarks" / "reproduce.py"),
+            "--quick",
+            "--datasets",
+            "mnist",
+            "nosuch",
+            "--out",
+            str(out),
+        ],
+        data_dir,
+    )
+    assert "### mnist" in proc.stdout
+    res = json.loads((out / "results.json").read_text())
+    assert "skipped" in res["datasets"]["nosuch"]
+    block = res["datasets"]["mnist"]
+    labels = {r["label"] for r in block["summary"]}
+    assert labels == {"elbo", "iwae", "mcmc", "unbiased", "sumo", "iwae_matched"}
+    for run in block["runs"]:
+        assert run["train_log_joint_evals"] > 0 and "test_ll" in run and "ais" in run
+    assert "| iwae_matched |" in (out / "results.md").read_text()
+
+
+@pytest.mark.slow
+def test_variance_quick_writes_plots(data_dir, tmp_path):
+    plots, js = tmp_path / "plots", tmp_path / "v.json"
+    proc = _run(
+        [
+            str(REPO / "benchmarks" / "variance.py"),
+            "--quick",
+            "--work",
+            str(tmp_path / "w"),
+            "--plots",
+            str(plots),
+            "--json",
+            str(js),
+        ],
+        data_dir,
+    )
+    assert "#### Gradient variance against cost" in proc.stdout
+    res = json.loads(js.read_text())
+    assert {r["kind"] for r in res["variance"]} == {"iwae", "unbiased"}
+    assert set(res["training"]) == {"iwae", "inclusive_kl"}
+    for name in ("variance_vs_cost.png", "meeting_times_by_s.png", "meeting_times_training.png"):
+        assert (plots / name).stat().st_size > 1000
