@@ -1,4 +1,5 @@
-"""Shared fixtures. Nothing here downloads: real data comes from VAEML_DATA_DIR or ../shared/data."""
+"""Shared fixtures. Nothing here downloads: real data comes from VAEML_DATA_DIR or
+../shared/data."""
 
 import os
 from pathlib import Path
@@ -23,5 +24,7 @@ def shared_data_dir() -> Path:
 def data_dir() -> Path:
     d = shared_data_dir()
     if not (d / "mnist").is_dir():
-        pytest.fail(f"real test data not found at {d}; set VAEML_DATA_DIR to the shared data folder")
+        pytest.fail(
+            f"real test data not found at {d}; set VAEML_DATA_DIR to the shared data folder"
+        )
     return d

@@ -130,6 +130,31 @@ def test_evaluate_writes_eval_json_and_prints_a_table(trained, capsys):
     assert "test log-likelihood" in out and f"{ev['test_log_likelihood']:.3f}" in out
 
 
+def test_evaluate_ais_takes_its_settings_from_the_flags(trained, tmp_path, capsys):
+    out_file = tmp_path / "ais.json"
+    rc, out, err = run_cli(
+        capsys, "evaluate", trained, "--method", "ais", "--ais-steps", 6, "--ais-chains", 3,
+        "--ais-leapfrog", 2, "--ais-step-size", 0.1, "--ais-schedule", "linear",
+        "--ais-adapt-chains", 0, "--max-test-examples", 8, "--output", out_file,
+    )  # fmt: skip
+    assert rc == 0, err
+    ev = json.loads(out_file.read_text())
+    assert ev["method"] == "ais" and ev["num_samples"] == 3 and ev["num_examples"] == 8
+    assert ev["ais"]["num_steps"] == 6 and ev["ais"]["leapfrog_steps"] == 2
+    assert ev["ais"]["step_size"] == 0.1 and ev["ais"]["schedule"] == "linear"
+    assert ev["ais"]["adapt_chains"] == 0
+    assert np.isfinite(ev["test_log_likelihood"]) and "num_steps = 6" in out
+
+
+def test_evaluate_refuses_ais_flags_without_method_ais(trained, capsys):
+    rc, _, err = run_cli(capsys, "evaluate", trained, "--ais-steps", 10, "--ais-chains", 2)
+    assert_one_clean_error(rc, err, "--ais-steps, --ais-chains only apply to --method ais")
+    rc, _, err = run_cli(capsys, "evaluate", trained, "--method", "ais", "--ais-schedule", "cubic")
+    assert_one_clean_error(rc, err, "unknown --ais-schedule 'cubic'")
+    rc, _, err = run_cli(capsys, "evaluate", trained, "--method", "ais", "--ais-step-size", -1)
+    assert_one_clean_error(rc, err, "--ais-step-size must be > 0")
+
+
 def test_plot_writes_four_pngs(trained, capsys):
     rc, out, err = run_cli(capsys, "plot", trained)
     assert rc == 0, err

@@ -1,6 +1,5 @@
 """The quickstart notebook runs end to end (tiny settings) so it cannot rot."""
 
-import os
 from pathlib import Path
 
 import nbformat

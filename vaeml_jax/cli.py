@@ -192,6 +192,17 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=_positive_int, default=0, help="sampling seed (0)")
     e.add_argument("--data-dir", metavar="DIR", help="data folder (default: the run's)")
     e.add_argument("--output", metavar="FILE", help="where to write (default DIR/eval.json)")
+    a = e.add_argument_group("annealed importance sampling (--method ais; Wu et al. 2017)")
+    a.add_argument("--ais-steps", type=_positive_int, help="temperatures T after b_0 (500)")
+    a.add_argument("--ais-chains", type=_positive_int, help="independent chains per example (16)")
+    a.add_argument("--ais-leapfrog", type=_positive_int, help="HMC leapfrog steps (10)")
+    a.add_argument("--ais-step-size", type=float, help="initial HMC step size (0.05)")
+    a.add_argument("--ais-schedule", help="sigmoid (default) or linear temperatures")
+    a.add_argument(
+        "--ais-adapt-chains",
+        type=_positive_int,
+        help="pilot chains adapting per-temperature step sizes (4; 0 = fixed step size)",
+    )
 
     pl = sub.add_parser(
         "plot",
@@ -294,6 +305,23 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         raise CLIError(f"unknown --method {args.method!r}; choose is or ais.")
     if args.num_samples < 1:
         raise CLIError("--num-samples must be >= 1.")
+    ais_flags = {  # flag -> ais_log_likelihood option
+        "--ais-steps": ("num_steps", args.ais_steps),
+        "--ais-chains": ("num_chains", args.ais_chains),
+        "--ais-leapfrog": ("leapfrog_steps", args.ais_leapfrog),
+        "--ais-step-size": ("step_size", args.ais_step_size),
+        "--ais-schedule": ("schedule", args.ais_schedule),
+        "--ais-adapt-chains": ("adapt_chains", args.ais_adapt_chains),
+    }
+    given = [flag for flag, (_, v) in ais_flags.items() if v is not None]
+    if given and args.method != "ais":
+        flags = ", ".join(given)
+        raise CLIError(f"{flags} only apply to --method ais, not --method {args.method}.")
+    ais_kwargs = {ais_flags[f][0]: ais_flags[f][1] for f in given}
+    if args.ais_step_size is not None and not args.ais_step_size > 0:
+        raise CLIError(f"--ais-step-size must be > 0, got {args.ais_step_size}.")
+    if args.ais_schedule is not None and args.ais_schedule not in ("sigmoid", "linear"):
+        raise CLIError(f"unknown --ais-schedule {args.ais_schedule!r}; choose sigmoid or linear.")
     run_dir = Path(args.run_dir)
     config, vae, params, epoch = load_run(run_dir, args.epoch)
     _, _, x = load_data(config, args.data_dir)
@@ -311,6 +339,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         chunk_size=min(args.chunk_size, args.num_samples),
         batch_size=min(args.batch_size, x.shape[0]),
         elbo_samples=args.elbo_samples,
+        **ais_kwargs,
     )
     seconds = time.perf_counter() - t0
     out = {
@@ -330,13 +359,20 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         "seed": args.seed,
         "units": "nats per example (higher is better)",
     }
+    if "ais" in res:
+        out["ais"] = res["ais"]
     path = Path(args.output) if args.output else run_dir / EVAL_FILE
     _write_atomic(path, json.dumps(out, indent=2, default=_json_default) + "\n")
     rows = [
         ("run", str(run_dir)),
         ("dataset", f"{config.dataset} ({config.binarization}), {out['num_examples']} examples"),
         ("estimator / epoch", f"{config.estimator} / {epoch}"),
-        ("method", f"{out['method']}, K = {out['num_samples']}"),
+        (
+            "method",
+            f"{out['method']}, K = {out['num_samples']}"
+            if out["method"] == "is"
+            else "ais, " + ", ".join(f"{k} = {v}" for k, v in out.get("ais", {}).items()),
+        ),
         (
             "test log-likelihood",
             f"{out['test_log_likelihood']:.3f} ± {out['test_log_likelihood_stderr']:.3f} nats",
