@@ -63,6 +63,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -77,7 +78,13 @@ if str(REPO) not in sys.path:  # run from a checkout without installing
 
 from vaeml_jax.data import DataError, binarized_test_set, load_dataset  # noqa: E402
 from vaeml_jax.evaluation import evaluate  # noqa: E402
-from vaeml_jax.train import TrainConfig, build_vae, read_metrics, train  # noqa: E402
+from vaeml_jax.train import (  # noqa: E402
+    TrainConfig,
+    build_vae,
+    read_config,
+    read_metrics,
+    train,
+)
 
 ESTIMATORS = ("elbo", "iwae", "mcmc", "unbiased", "sumo")
 DATASETS = ("mnist", "fashion_mnist", "omniglot")
@@ -110,6 +117,7 @@ PRESETS = {
         ais_seeds=1,
         hidden=[200, 200],
         latent_dim=50,
+        checkpoint_every=1,
     ),
     "full": dict(
         max_train_examples=None,
@@ -126,6 +134,7 @@ PRESETS = {
         ais_seeds=1,
         hidden=[200, 200],
         latent_dim=50,
+        checkpoint_every=10,  # a 3,280-epoch run must survive being killed
     ),
     "quick": dict(
         max_train_examples=200,
@@ -142,6 +151,7 @@ PRESETS = {
         ais_seeds=1,
         hidden=[16],
         latent_dim=4,
+        checkpoint_every=1,
     ),
 }
 
@@ -200,27 +210,37 @@ def train_config(a, dataset: str, estimator: str, seed: int, num_particles: int)
         schedule=a.schedule,
         seed=seed,
         max_train_examples=a.max_train_examples,
-        checkpoint_every=0,
+        checkpoint_every=a.checkpoint_every,
         keep_checkpoints=1,
         **extra,
     )
+
+
+def _comparable(config: dict) -> dict:
+    """The fields that define the experiment (not where data lives or how often it is saved)."""
+    return {
+        k: v
+        for k, v in config.items()
+        if k not in ("checkpoint_every", "keep_checkpoints", "data_dir", "eval_every")
+    }
 
 
 def train_and_score(a, cfg: TrainConfig, label: str, run_dir: Path, test_x, log) -> dict:
     """Train one model (or reuse a finished run directory) and score it with IS (and AIS)."""
     result_file = run_dir / "result.json"
     ais_wanted = cfg.seed in a.seeds[: a.ais_seeds] and a.ais_examples > 0
+    wanted = _comparable(cfg.resolved().to_dict())
     if result_file.exists():
         res = json.loads(result_file.read_text())
-        if res.get("config") == cfg.resolved().to_dict() and ("ais" in res or not ais_wanted):
+        if _comparable(res.get("config", {})) == wanted and ("ais" in res or not ais_wanted):
             log(f"  {label} seed {cfg.seed}: reusing {result_file}")
             return res
-    if run_dir.exists():  # an unfinished or different run: start over
-        import shutil
-
+    stored = read_config(run_dir) if (run_dir / "config.json").exists() else None
+    resume = stored is not None and _comparable(stored.to_dict()) == wanted
+    if run_dir.exists() and not resume:  # another experiment's run in the way: start over
         shutil.rmtree(run_dir)
-    t0 = time.perf_counter()
-    out = train(cfg, run_dir, progress=False, log=lambda m: log("    " + m))
+    t0 = time.perf_counter()  # an interrupted run of this experiment continues from a checkpoint
+    out = train(cfg, run_dir, resume=resume, progress=False, log=lambda m: log("    " + m))
     total_seconds = time.perf_counter() - t0
     records = read_metrics(run_dir)
     vae = build_vae(cfg.resolved())
@@ -430,6 +450,11 @@ def parse_args(argv=None):
     p.add_argument("--ais-steps", type=int)
     p.add_argument("--ais-chains", type=int)
     p.add_argument("--ais-seeds", type=int, help="AIS check on the first N seeds' models")
+    p.add_argument(
+        "--checkpoint-every",
+        type=int,
+        help="epochs between checkpoints (an interrupted run resumes from the last one)",
+    )
     p.add_argument("--data-dir", default=os.environ.get("VAEML_DATA_DIR"))
     p.add_argument("--out", default=str(REPO / "runs" / "reproduce"))
     p.add_argument(
