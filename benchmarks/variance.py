@@ -125,6 +125,19 @@ def survival(tau: np.ndarray, t_max: int) -> tuple[np.ndarray, np.ndarray]:
     return t, 1.0 - np.searchsorted(tau, t, side="right") / tau.size
 
 
+def tail_index(tau: np.ndarray, top: float = 0.05) -> float:
+    """Hill estimate of alpha in P(tau > t) ~ t^(-alpha) from the largest ``top`` fraction.
+
+    alpha <= 2 means tau has no finite variance, and then neither, in general, has H_{k:m}: its
+    correction sum has tau - k - 1 terms.
+    """
+    t = np.sort(np.asarray(tau, np.float64).ravel())[::-1]
+    k = max(2, int(t.size * top))
+    if t.size <= k or t[k] <= 0:
+        return float("nan")
+    return float(1.0 / np.mean(np.log(t[:k] / t[k])))
+
+
 def tau_stats(tau: np.ndarray) -> dict:
     tau = np.asarray(tau, np.float64).ravel()
     return {
@@ -134,6 +147,7 @@ def tau_stats(tau: np.ndarray) -> dict:
         "p90": float(np.percentile(tau, 90)),
         "p99": float(np.percentile(tau, 99)),
         "max": int(tau.max()),
+        "tail_index": tail_index(tau),
     }
 
 
@@ -423,13 +437,17 @@ def markdown(a, rows, training) -> str:
     lines = ["#### Gradient variance against cost (decoder gradient, fixed minibatch)", ""]
     lines += [
         "| estimator | model | tr Cov +- SE | evals/example (own) | evals/example (executed) | "
-        "tr Cov x own evals | squared bias (noise) | capped lanes | tau mean / p99 / max |",
+        "tr Cov x own evals | squared bias (noise) | capped lanes | tau mean / p99 / max / alpha |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
-        bias = f"{r['bias_sq']:.3g} ({r['bias_sq_noise']:.2g})" if "bias_sq" in r else ""
+        bias = ""
+        if "bias_sq" in r:  # below its own noise the difference of means says nothing
+            resolved = r["bias_sq"] > 2 * r["bias_sq_noise"]
+            bias = f"{r['bias_sq']:.3g} ({r['bias_sq_noise']:.2g})" + ("" if resolved else " n.s.")
         tau = (
-            f"{r['tau']['mean']:.2f} / {r['tau']['p99']:.0f} / {r['tau']['max']}"
+            f"{r['tau']['mean']:.2f} / {r['tau']['p99']:.0f} / {r['tau']['max']} / "
+            f"{r['tau'].get('tail_index', float('nan')):.2f}"
             if "tau" in r
             else ""
         )
@@ -446,9 +464,9 @@ def markdown(a, rows, training) -> str:
         "",
     ]
     lines += [
-        "| encoder objective | epoch | lanes | tau mean | median | p90 | p99 | max | capped | "
-        "train objective | epoch s | test LL (K) |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| encoder objective | epoch | lanes | tau mean | median | p90 | p99 | max | tail alpha | "
+        "capped | train objective | epoch s | test LL (K) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for obj, tr in training.items():
         rec = tr["record"]
@@ -461,7 +479,9 @@ def markdown(a, rows, training) -> str:
             )
             lines.append(
                 f"| {obj} | {e} | {p['lanes']} | {p['mean']:.2f} | {p['median']:.0f} | "
-                f"{p['p90']:.0f} | {p['p99']:.0f} | {p['max']} | {p['capped_fraction']:.4f} | "
+                f"{p['p90']:.0f} | {p['p99']:.0f} | {p['max']} | "
+                f"{p.get('tail_index', tail_index(tr['meeting_times'][e - 1])):.2f} | "
+                f"{p['capped_fraction']:.4f} | "
                 f"{p['objective']:.2f} | {p['wall_time']:.0f} | {ll} |"
             )
     return "\n".join(lines)
@@ -499,6 +519,11 @@ def parse_args(argv=None):
     p.add_argument("--json", default=None, help="default: <work>/variance.json")
     p.add_argument("--plots", default=str(HERE / "plots"))
     p.add_argument("--compilation-cache", default=str(REPO / ".jax_cache"))
+    p.add_argument(
+        "--from-json",
+        metavar="FILE",
+        help="re-render the tables and plots of a finished run's JSON (no computation)",
+    )
     a = p.parse_args(argv)
     for name, value in PRESETS["quick" if a.quick else "cpu"].items():
         if getattr(a, name, None) is None:
@@ -521,8 +546,36 @@ def parse_args(argv=None):
     return a
 
 
+def rerender(a) -> dict:
+    """Tables and plots from a finished run's JSON (``--from-json``), with today's code."""
+    result = json.loads(Path(a.from_json).read_text())
+    for name, value in result["settings"].items():
+        if name not in ("plots", "from_json"):
+            setattr(a, name, value)
+    rows = []
+    for r in result["variance"]:
+        r = dict(r)
+        if "meeting_times" in r:
+            r["meeting_times"] = np.asarray(r["meeting_times"])
+            r["tau"] = tau_stats(r["meeting_times"])
+        rows.append(r)
+    training = {
+        obj: {"meeting_times": [np.asarray(t) for t in tr["meeting_times"]], "record": tr}
+        for obj, tr in result["training"].items()
+    }
+    for tr in training.values():
+        for p, t in zip(tr["record"]["per_epoch"], tr["meeting_times"], strict=True):
+            p.update(tau_stats(t))
+    written = plot_all(a, rows, training, Path(a.plots))
+    print(markdown(a, rows, training))
+    print(f"re-rendered {a.from_json} into {', '.join(written)}")
+    return result
+
+
 def main(argv=None) -> dict:
     a = parse_args(argv)
+    if a.from_json:
+        return rerender(a)
     if a.compilation_cache:
         jax.config.update("jax_compilation_cache_dir", a.compilation_cache)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)

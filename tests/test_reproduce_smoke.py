@@ -79,3 +79,12 @@ def test_variance_quick_writes_plots(data_dir, tmp_path):
     assert set(res["training"]) == {"iwae", "inclusive_kl"}
     for name in ("variance_vs_cost.png", "meeting_times_by_s.png", "meeting_times_training.png"):
         assert (plots / name).stat().st_size > 1000
+    assert all("tail_index" in r["tau"] for r in res["variance"] if r["kind"] == "unbiased")
+    # the tables and plots re-render from the JSON alone
+    again = tmp_path / "again"
+    proc = _run(
+        [str(REPO / "benchmarks" / "variance.py"), "--from-json", str(js), "--plots", str(again)],
+        data_dir,
+    )
+    assert "#### Meeting times over training" in proc.stdout and "tail alpha" in proc.stdout
+    assert (again / "meeting_times_training.png").stat().st_size > 1000
