@@ -81,6 +81,10 @@ def make_unbiased_grad(
 ):
     r"""Build the unbiased estimator of the log-likelihood gradient.
 
+    Variance. Unbiased is not low-variance: meeting times have a power-law tail (P(tau > t) ~
+    t^-alpha, alpha ~1.3-1.8 measured on MNIST), so the decoder gradient's variance was 600-2,000x
+    IWAE-S's at the same S after 300 steps; larger S shortens the tail, small (k, m) windows do not.
+
     Args:
       model: a :class:`LatentVariableModel`.
       num_particles: S >= 2, particles of the CIS kernel (the IWAE's number of samples).
@@ -99,7 +103,9 @@ def make_unbiased_grad(
         from a measured comparison (paper-sized model, 3,000 MNIST images, S=10, same seed, first
         epoch): ``"iwae"`` gave mean/max meeting time 5.6/524, no capped lane and a train bound
         of -208 nats; ``"inclusive_kl"`` 8.5/1002 with 0.1% of lanes capped at 1000 and -227
-        nats. It also reuses X_0's draws, so it costs no extra ``log_joint`` evaluation.
+        nats. It also reuses X_0's draws, so it costs no extra ``log_joint`` evaluation. Over 3
+        epochs (10,000 images, S=5; ``benchmarks/RESULTS.md``, variance.py) ``"inclusive_kl"``
+        doubled the mean meeting time and the model degraded every epoch.
       num_slots: None (default) advances all B*C lanes together until the slowest has met: the
         fewest sequential iterations, best on accelerators. An int P runs a work queue of P slots
         refilled as lanes finish (:mod:`vaeml_jax.estimators._scheduled`): the work then follows
