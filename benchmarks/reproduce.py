@@ -238,7 +238,7 @@ def train_and_score(a, cfg: TrainConfig, label: str, run_dir: Path, test_x, log)
         if _comparable(res.get("config", {})) == wanted and ("ais" in res or not ais_wanted):
             log(f"  {label} seed {cfg.seed}: reusing {result_file}")
             return res
-    stored = read_config(run_dir) if (run_dir / "config.json").exists() else None
+    stored = read_config(run_dir)  # None when there is no run
     resume = stored is not None and _comparable(stored.to_dict()) == wanted
     if run_dir.exists() and not resume:  # another experiment's run in the way: start over
         shutil.rmtree(run_dir)

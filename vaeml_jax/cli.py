@@ -298,7 +298,7 @@ def _json_default(o):
 def cmd_evaluate(args: argparse.Namespace) -> int:
     import jax
 
-    from vaeml_jax.evaluation import evaluate
+    from vaeml_jax.evaluation import SCHEDULES, evaluate
     from vaeml_jax.train import _write_atomic, load_data, load_run
 
     if args.method not in ("is", "ais"):
@@ -320,8 +320,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     ais_kwargs = {ais_flags[f][0]: ais_flags[f][1] for f in given}
     if args.ais_step_size is not None and not args.ais_step_size > 0:
         raise CLIError(f"--ais-step-size must be > 0, got {args.ais_step_size}.")
-    if args.ais_schedule is not None and args.ais_schedule not in ("sigmoid", "linear"):
-        raise CLIError(f"unknown --ais-schedule {args.ais_schedule!r}; choose sigmoid or linear.")
+    if args.ais_schedule is not None and args.ais_schedule not in SCHEDULES:
+        choices = " or ".join(SCHEDULES)
+        raise CLIError(f"unknown --ais-schedule {args.ais_schedule!r}; choose {choices}.")
     run_dir = Path(args.run_dir)
     config, vae, params, epoch = load_run(run_dir, args.epoch)
     _, _, x = load_data(config, args.data_dir)
