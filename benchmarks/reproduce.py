@@ -42,7 +42,13 @@ Settings (what each preset runs; flags override single values):
   converged (test LL about -130 against the published -85).
 * ``--full`` (a GPU): the IWAE paper's schedule, 3,280 epochs in 8 stages with lr 1e-3 decaying to
   1e-4 (``schedule="iwae"``), batch 20, the full training set, K = 5000 on the full test set, AIS
-  (1000 temperatures) on 100 examples.
+  (1000 temperatures) on 100 examples. Never run here (no GPU was lent for it). A rough cost from
+  ``estimator_cost.py``'s H100 timings (RESULTS.md; an estimate, not a measurement): 3,280 epochs
+  of 3,000 steps is 9.8 million steps per run, about 2 hours for IWAE-5 at ~0.7 ms a step but of
+  the order of a day for the unbiased estimator (~10 ms a step, set by the slowest lane of the
+  batch), SUMO and the compute-matched IWAE; check the plan with ``--full --plan`` first, and run
+  datasets, estimators or seeds as separate invocations (``--datasets``, ``--estimators``,
+  ``--seeds``): runs resume from their checkpoints and finished runs are reused.
 * ``--quick``: a smoke run (tiny network, 200 examples, one seed, K = 20) that exercises every
   code path in well under a minute of compute after compilation.
 
@@ -52,6 +58,7 @@ is re-run with the same settings), ``results.json`` (settings, machine, every ru
 and ``results.md`` (the tables). Datasets whose files are missing are skipped with a note.
 
     python benchmarks/reproduce.py --datasets mnist        # the CPU preset, as in RESULTS.md
+    python benchmarks/reproduce.py --full --plan   # every run's resolved settings, nothing trained
     python benchmarks/reproduce.py --full          # on a GPU
     python benchmarks/reproduce.py --quick --out /tmp/rq
 
@@ -458,6 +465,11 @@ def parse_args(argv=None):
         type=int,
         help="epochs between checkpoints (an interrupted run resumes from the last one)",
     )
+    p.add_argument(
+        "--plan",
+        action="store_true",
+        help="print every run's resolved training settings and exit (nothing is trained)",
+    )
     p.add_argument("--data-dir", default=os.environ.get("VAEML_DATA_DIR"))
     p.add_argument("--out", default=str(REPO / "runs" / "reproduce"))
     p.add_argument(
@@ -479,8 +491,45 @@ def parse_args(argv=None):
     return a
 
 
+def plan(a) -> list[dict]:
+    """Every run the settings ask for, resolved as ``train`` will run it (no data is loaded)."""
+    rows = []
+    for ds in a.datasets:
+        for seed in a.seeds:
+            labels = list(a.estimators) + ([] if a.match_to == "none" else ["iwae_matched"])
+            for label in labels:
+                est = "iwae" if label == "iwae_matched" else label
+                cfg = train_config(a, ds, est, seed, a.num_particles).resolved()
+                rows.append(
+                    {
+                        "dataset": ds,
+                        "label": label,
+                        "seed": seed,
+                        "S": f"= {a.match_to}'s evals/example"
+                        if label == "iwae_matched"
+                        else cfg.num_particles,
+                        "epochs": cfg.epochs,
+                        "schedule": cfg.schedule,
+                        "lr": cfg.lr,
+                        "batch_size": cfg.batch_size,
+                        "max_train_examples": cfg.max_train_examples,
+                        "checkpoint_every": cfg.checkpoint_every,
+                        "eval_examples": a.eval_examples,
+                        "eval_samples": a.eval_samples,
+                    }
+                )
+    return rows
+
+
 def main(argv=None) -> dict:
     a = parse_args(argv)
+    if a.plan:
+        rows = plan(a)
+        cols = list(rows[0])
+        print("| " + " | ".join(cols) + " |\n|" + " --- |" * len(cols))
+        for r in rows:
+            print("| " + " | ".join("all" if r[c] is None else str(r[c]) for c in cols) + " |")
+        return {"plan": rows}
     if a.compilation_cache:
         jax.config.update("jax_compilation_cache_dir", a.compilation_cache)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)

@@ -88,3 +88,28 @@ def test_variance_quick_writes_plots(data_dir, tmp_path):
     )
     assert "#### Meeting times over training" in proc.stdout and "tail alpha" in proc.stdout
     assert (again / "meeting_times_training.png").stat().st_size > 1000
+
+
+def test_full_preset_is_the_iwae_papers_schedule(capsys):
+    """``--full --plan``: each run resolves to 3,280 epochs of the IWAE schedule on all the data."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import reproduce
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    res = reproduce.main(["--full", "--plan", "--datasets", "mnist", "--compilation-cache", ""])
+    rows = res["plan"]
+    assert {r["label"] for r in rows} == {
+        "elbo",
+        "iwae",
+        "mcmc",
+        "unbiased",
+        "sumo",
+        "iwae_matched",
+    }
+    assert {r["seed"] for r in rows} == {0, 1, 2}
+    for r in rows:
+        assert (r["epochs"], r["schedule"], r["batch_size"]) == (3280, "iwae", 20)
+        assert r["max_train_examples"] is None and r["eval_examples"] is None
+        assert r["eval_samples"] == 5000
+    assert "| mnist | unbiased | 0 | 5 | 3280 | iwae |" in capsys.readouterr().out
