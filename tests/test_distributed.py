@@ -11,7 +11,8 @@ import pytest
 SCRIPT = textwrap.dedent(
     """
     import json, os
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+    os.environ["XLA_FLAGS"] = ("--xla_force_host_platform_device_count=4 "
+                               "--xla_backend_optimization_level=0")  # fast compile
     import jax, jax.numpy as jnp
     import vaeml_jax as vj
     from vaeml_jax import testing as T, distributed as D
@@ -60,11 +61,12 @@ SCRIPT = textwrap.dedent(
 def result():
     env = dict(os.environ)
     env.pop("XLA_FLAGS", None)
-    proc = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True,
-                          env=env, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT")][-1]
-    return json.loads(line[len("RESULT"):])
+    return json.loads(line[len("RESULT") :])
 
 
 def test_four_devices_visible(result):

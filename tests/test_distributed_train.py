@@ -12,7 +12,8 @@ import pytest
 SCRIPT = textwrap.dedent(
     """
     import json, os, sys
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+    os.environ["XLA_FLAGS"] = ("--xla_force_host_platform_device_count=4 "
+                               "--xla_backend_optimization_level=0")  # fast compile
     import jax, numpy as np
     from vaeml_jax.train import TrainConfig, ConfigError, train, read_metrics
 
@@ -58,11 +59,16 @@ def result(tmp_path_factory, data_dir):
     out = tmp_path_factory.mktemp("dp_train")
     env = dict(os.environ, VAEML_DATA_DIR=str(data_dir))
     env.pop("XLA_FLAGS", None)
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(out)], capture_output=True,
-                          text=True, env=env, timeout=900)
+    proc = subprocess.run(
+        [sys.executable, "-c", SCRIPT, str(out)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT")][-1]
-    return json.loads(line[len("RESULT"):])
+    return json.loads(line[len("RESULT") :])
 
 
 def test_same_parameters_on_1_and_4_devices(result):
