@@ -35,6 +35,16 @@ PNG figures in ``--plots`` (default ``benchmarks/plots``): ``variance_vs_cost.pn
     python benchmarks/variance.py                  # CPU defaults (see RESULTS.md for the time)
     python benchmarks/variance.py --quick --plots /tmp/p --json /tmp/v.json   # smoke run
 
+Part 4 over more seeds: ``--encoder-only --seed N`` runs part 1 alone (into
+``runs/variance_seedN``, figures there too, so the recorded seed-0 run is not overwritten), and
+``--encoder-summary A.json B.json ...`` tabulates the encoder objectives across those runs (one per
+seed, same settings): final-epoch meeting times and test log-likelihood, mean +- SE over seeds,
+differences to ``iwae`` paired by seed.
+
+    python benchmarks/variance.py --train-examples 10000 --encoder-only --seed 1
+    python benchmarks/variance.py --encoder-summary runs/variance/variance.json \
+        runs/variance_seed1/variance.json runs/variance_seed2/variance.json
+
 References: Ruiz, Titsias, Cemgil & Doucet (UAI 2021); Jacob, O'Leary & Atchade (JRSS-B 2020);
 Burda, Grosse & Salakhutdinov (ICLR 2016).
 """
@@ -332,7 +342,14 @@ def plot_all(a, rows, training, plots: Path) -> list[str]:
     plots.mkdir(parents=True, exist_ok=True)
     written = []
     states = list(dict.fromkeys(r["state"] for r in rows))
+    if states:
+        written += _plot_variance(plt, rows, states, plots)
+    written.append(_plot_training(plt, training, plots))
+    return written
 
+
+def _plot_variance(plt, rows, states, plots: Path) -> list[str]:
+    written = []
     # variance against cost
     fig, axes = plt.subplots(1, len(states), figsize=(5.5 * len(states), 4.2), squeeze=False)
     for ax, st in zip(axes[0], states, strict=True):
@@ -407,8 +424,11 @@ def plot_all(a, rows, training, plots: Path) -> list[str]:
     fig.savefig(p, dpi=110)
     plt.close(fig)
     written.append(str(p))
+    return written
 
-    # meeting times over training, per encoder objective
+
+def _plot_training(plt, training, plots: Path) -> str:
+    """Survival functions of the meeting times per epoch, one panel per encoder objective."""
     objs = list(training)
     fig, axes = plt.subplots(1, len(objs), figsize=(5 * len(objs), 4.0), squeeze=False, sharey=True)
     for ax, obj in zip(axes[0], objs, strict=True):
@@ -428,39 +448,17 @@ def plot_all(a, rows, training, plots: Path) -> list[str]:
     p = plots / "meeting_times_training.png"
     fig.savefig(p, dpi=110)
     plt.close(fig)
-    written.append(str(p))
-    return written
+    return str(p)
 
 
 # ----------------------------------------------------------------------------------- report
 def markdown(a, rows, training) -> str:
-    lines = ["#### Gradient variance against cost (decoder gradient, fixed minibatch)", ""]
+    lines = []
+    if rows:
+        lines += variance_table(rows) + [""]
     lines += [
-        "| estimator | model | tr Cov +- SE | evals/example (own) | evals/example (executed) | "
-        "tr Cov x own evals | squared bias (noise) | capped lanes | tau mean / p99 / max / alpha |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-    ]
-    for r in rows:
-        bias = ""
-        if "bias_sq" in r:  # below its own noise the difference of means says nothing
-            resolved = r["bias_sq"] > 2 * r["bias_sq_noise"]
-            bias = f"{r['bias_sq']:.3g} ({r['bias_sq_noise']:.2g})" + ("" if resolved else " n.s.")
-        tau = (
-            f"{r['tau']['mean']:.2f} / {r['tau']['p99']:.0f} / {r['tau']['max']} / "
-            f"{r['tau'].get('tail_index', float('nan')):.2f}"
-            if "tau" in r
-            else ""
-        )
-        lines.append(
-            f"| {r['name']} | {r['state']} | {r['trace_cov']:.4g} +- {r['trace_cov_se']:.2g} | "
-            f"{r['evals_own']:.1f} | {r['evals_executed']:.1f} | "
-            f"{r['trace_cov'] * r['evals_own']:.4g} | {bias} | {r['capped_fraction']:.4f} | "
-            f"{tau} |"
-        )
-    lines += [
-        "",
         "#### Meeting times over training, by encoder objective (unbiased, "
-        f"S = {a.num_particles}, k = m = 0)",
+        f"S = {a.num_particles}, k = m = 0, seed {a.seed})",
         "",
     ]
     lines += [
@@ -484,6 +482,77 @@ def markdown(a, rows, training) -> str:
                 f"{p['capped_fraction']:.4f} | "
                 f"{p['objective']:.2f} | {p['wall_time']:.0f} | {ll} |"
             )
+    return "\n".join(lines)
+
+
+def variance_table(rows) -> list[str]:
+    lines = ["#### Gradient variance against cost (decoder gradient, fixed minibatch)", ""]
+    lines += [
+        "| estimator | model | tr Cov +- SE | evals/example (own) | evals/example (executed) | "
+        "tr Cov x own evals | squared bias (noise) | capped lanes | tau mean / p99 / max / alpha |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        bias = ""
+        if "bias_sq" in r:  # below its own noise the difference of means says nothing
+            resolved = r["bias_sq"] > 2 * r["bias_sq_noise"]
+            bias = f"{r['bias_sq']:.3g} ({r['bias_sq_noise']:.2g})" + ("" if resolved else " n.s.")
+        tau = (
+            f"{r['tau']['mean']:.2f} / {r['tau']['p99']:.0f} / {r['tau']['max']} / "
+            f"{r['tau'].get('tail_index', float('nan')):.2f}"
+            if "tau" in r
+            else ""
+        )
+        lines.append(
+            f"| {r['name']} | {r['state']} | {r['trace_cov']:.4g} +- {r['trace_cov_se']:.2g} | "
+            f"{r['evals_own']:.1f} | {r['evals_executed']:.1f} | "
+            f"{r['trace_cov'] * r['evals_own']:.4g} | {bias} | {r['capped_fraction']:.4f} | "
+            f"{tau} |"
+        )
+    return lines
+
+
+def encoder_summary(results: list[dict]) -> str:
+    """Part 4 across seeds: one finished run's JSON per seed (``--encoder-summary``).
+
+    Final-epoch meeting times and test log-likelihood per encoder objective, mean +- standard
+    error over seeds, and the test LL of each seed; differences to ``iwae`` are paired by seed.
+    """
+    seeds = [r["settings"]["seed"] for r in results]
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"--encoder-summary needs one run per seed, got seeds {seeds}.")
+    keys = ("dataset", "train_examples", "epochs", "batch_size", "num_particles", "eval_samples")
+    for r in results[1:]:
+        diff = [k for k in keys if r["settings"].get(k) != results[0]["settings"].get(k)]
+        if diff:
+            raise ValueError(f"--encoder-summary: runs differ in {diff}; not comparable.")
+    objs = [o for o in results[0]["training"] if all(o in r["training"] for r in results)]
+
+    def mse(v):
+        v = np.asarray(v, np.float64)
+        se = v.std(ddof=1) / math.sqrt(v.size) if v.size > 1 else float("nan")
+        return f"{v.mean():.2f} +- {se:.2f}"
+
+    st = results[0]["settings"]
+    lines = [
+        f"#### Encoder objective across seeds {seeds} (unbiased, S = {st['num_particles']}, "
+        f"{st['epochs']} epochs; final epoch's meeting times; mean +- SE over seeds)",
+        "",
+        "| encoder objective | tau mean | p99 | tail alpha | capped | test LL | diff vs iwae | "
+        + " | ".join(f"seed {s}" for s in seeds)
+        + " |",
+        "| --- " * (7 + len(seeds)) + "|",
+    ]
+    ll = {o: [r["training"][o]["test_ll"] for r in results] for o in objs}
+    for o in objs:
+        last = [tau_stats(np.asarray(r["training"][o]["meeting_times"][-1])) for r in results]
+        capped = [r["training"][o]["per_epoch"][-1]["capped_fraction"] for r in results]
+        diff = mse(np.subtract(ll[o], ll["iwae"])) if "iwae" in ll else ""
+        lines.append(
+            f"| {o} | {mse([t['mean'] for t in last])} | {mse([t['p99'] for t in last])} | "
+            f"{mse([t['tail_index'] for t in last])} | {np.mean(capped):.4f} | {mse(ll[o])} | "
+            f"{diff} | " + " | ".join(f"{v:.2f}" for v in ll[o]) + " |"
+        )
     return "\n".join(lines)
 
 
@@ -513,12 +582,27 @@ def parse_args(argv=None):
     p.add_argument("--data-dir", default=os.environ.get("VAEML_DATA_DIR"))
     p.add_argument(
         "--work",
-        default=str(REPO / "runs" / "variance"),
-        help="run directories of the brief training",
+        help="run directories of the brief training (default runs/variance, or "
+        "runs/variance_seedN for --seed N != 0)",
     )
     p.add_argument("--json", default=None, help="default: <work>/variance.json")
-    p.add_argument("--plots", default=str(HERE / "plots"))
+    p.add_argument(
+        "--plots",
+        help="default benchmarks/plots (what RESULTS.md shows) for the seed-0 full run, else "
+        "<work>/plots",
+    )
     p.add_argument("--compilation-cache", default=str(REPO / ".jax_cache"))
+    p.add_argument(
+        "--encoder-only",
+        action="store_true",
+        help="part 1 only (training per encoder objective), e.g. for more seeds of part 4",
+    )
+    p.add_argument(
+        "--encoder-summary",
+        nargs="+",
+        metavar="FILE",
+        help="part 4 across seeds from finished runs' JSON files, one per seed (no computation)",
+    )
     p.add_argument(
         "--from-json",
         metavar="FILE",
@@ -541,6 +625,12 @@ def parse_args(argv=None):
             p.error(f"--km takes 'k,m' pairs like 0,2; got {km!r}.")
         if not 0 <= k <= m:
             p.error(f"--km needs 0 <= k <= m, got {km!r}.")
+    # Other seeds and part-1-only runs must not overwrite the recorded run or its figures.
+    if a.work is None:
+        a.work = str(REPO / "runs" / ("variance" if a.seed == 0 else f"variance_seed{a.seed}"))
+    if a.plots is None:
+        recorded = a.seed == 0 and not a.encoder_only and not a.quick
+        a.plots = str(HERE / "plots") if recorded else str(Path(a.work) / "plots")
     if a.json is None:
         a.json = str(Path(a.work) / "variance.json")
     return a
@@ -572,10 +662,32 @@ def rerender(a) -> dict:
     return result
 
 
+def variance_parts(a, training, log) -> list[dict]:
+    """Parts 2-3 at the initialization and at the ``iwae``-objective model of part 1."""
+    vae = training["iwae"]["vae"]
+    ds = load_dataset(a.dataset, a.data_dir)
+    x = binarize_static(np.asarray(ds.train[: a.var_batch], np.float32), seed=0)
+    root = jax.random.key(a.seed)  # the initialization train() uses: fold_in(root, 0)
+    init = vae.init(
+        jax.random.fold_in(root, 0),
+        data_mean=jnp.asarray(np.asarray(ds.train[: a.train_examples], np.float32).mean(0)),
+    )
+    states = {"init": init, f"trained ({a.epochs} ep)": training["iwae"]["params"]}
+    log("part 2: gradient variance against cost")
+    return variance_study(a, vae, states, x, log)
+
+
 def main(argv=None) -> dict:
     a = parse_args(argv)
     if a.from_json:
         return rerender(a)
+    if a.encoder_summary:
+        results = [json.loads(Path(f).read_text()) for f in a.encoder_summary]
+        try:
+            print(encoder_summary(results))
+        except ValueError as e:
+            raise SystemExit(f"variance.py: {e}") from None
+        return {"encoder_summary": a.encoder_summary}
     if a.compilation_cache:
         jax.config.update("jax_compilation_cache_dir", a.compilation_cache)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
@@ -588,17 +700,10 @@ def main(argv=None) -> dict:
     log(f"variance: {json.dumps(settings)}")
     log("part 1: brief training per encoder objective")
     training = brief_training(a, log)
-    vae = training["iwae"]["vae"]
-    ds = load_dataset(a.dataset, a.data_dir)
-    x = binarize_static(np.asarray(ds.train[: a.var_batch], np.float32), seed=0)
-    root = jax.random.key(a.seed)  # the initialization train() uses: fold_in(root, 0)
-    init = vae.init(
-        jax.random.fold_in(root, 0),
-        data_mean=jnp.asarray(np.asarray(ds.train[: a.train_examples], np.float32).mean(0)),
-    )
-    states = {"init": init, f"trained ({a.epochs} ep)": training["iwae"]["params"]}
-    log("part 2: gradient variance against cost")
-    rows = variance_study(a, vae, states, x, log)
+    if a.encoder_only:
+        rows = []
+    else:
+        rows = variance_parts(a, training, log)
     written = plot_all(a, rows, training, Path(a.plots))
     md = markdown(a, rows, training)
     result = {

@@ -96,6 +96,28 @@ def test_variance_quick_writes_plots(data_dir, tmp_path):
     )
     assert "#### Meeting times over training" in proc.stdout and "tail alpha" in proc.stdout
     assert (again / "meeting_times_training.png").stat().st_size > 1000
+    # part 1 alone for another seed (into its own work dir), then part 4 across the two seeds
+    work1 = tmp_path / "w1"
+    proc = _run(
+        [
+            str(REPO / "benchmarks" / "variance.py"),
+            *("--quick", "--encoder-only", "--seed", "1", "--work", str(work1)),
+        ],
+        data_dir,
+    )
+    assert "#### Gradient variance" not in proc.stdout
+    one = json.loads((work1 / "variance.json").read_text())
+    assert one["variance"] == [] and set(one["training"]) == {"iwae", "inclusive_kl"}
+    assert (work1 / "plots" / "meeting_times_training.png").stat().st_size > 1000
+    script = [str(REPO / "benchmarks" / "variance.py"), "--encoder-summary"]
+    proc = _run([*script, str(js), str(work1 / "variance.json")], data_dir)
+    assert "seeds [0, 1]" in proc.stdout and "| inclusive_kl |" in proc.stdout
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    bad = subprocess.run(
+        [sys.executable, *script, str(js), str(js)], env=env, capture_output=True, text=True
+    )
+    assert bad.returncode == 1 and "one run per seed" in bad.stderr
+    assert "Traceback" not in bad.stderr
 
 
 def test_full_preset_is_the_iwae_papers_schedule(capsys):
