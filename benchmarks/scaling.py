@@ -61,8 +61,12 @@ CHILD = textwrap.dedent(
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--devices", type=int, nargs="+", default=[1, 2, 4])
-    p.add_argument("--force-cpu-devices", type=int, default=0,
-                   help="split the CPU into this many XLA devices (0: use the real devices)")
+    p.add_argument(
+        "--force-cpu-devices",
+        type=int,
+        default=0,
+        help="split the CPU into this many XLA devices (0: use the real devices)",
+    )
     p.add_argument("--estimator", choices=["unbiased", "iwae"], default="unbiased")
     p.add_argument("--num-particles", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=100)
@@ -81,22 +85,34 @@ def main(argv=None):
         env["JAX_PLATFORMS"] = "cpu"
     rows = []
     for n in a.devices:
-        args = dict(devices=n, hidden=a.hidden, latent_dim=a.latent_dim, S=a.num_particles,
-                    batch_size=a.batch_size, steps=a.steps, repeats=a.repeats,
-                    estimator=a.estimator)
-        proc = subprocess.run([sys.executable, "-c", CHILD, json.dumps(args)], env=env,
-                              capture_output=True, text=True)
+        args = dict(
+            devices=n,
+            hidden=a.hidden,
+            latent_dim=a.latent_dim,
+            S=a.num_particles,
+            batch_size=a.batch_size,
+            steps=a.steps,
+            repeats=a.repeats,
+            estimator=a.estimator,
+        )
+        proc = subprocess.run(
+            [sys.executable, "-c", CHILD, json.dumps(args)], env=env, capture_output=True, text=True
+        )
         if proc.returncode:
             sys.exit(f"devices={n} failed:\n{proc.stderr[-3000:]}")
         rows.append(json.loads(proc.stdout.split("RESULT")[-1]))
     base = rows[0]["examples_per_second"]
-    print(f"{a.estimator}, S={a.num_particles}, batch {a.batch_size}, {rows[0]['platform']} "
-          f"({rows[0]['device_kind']}), jax {rows[0]['jax']}")
+    print(
+        f"{a.estimator}, S={a.num_particles}, batch {a.batch_size}, {rows[0]['platform']} "
+        f"({rows[0]['device_kind']}), jax {rows[0]['jax']}"
+    )
     print("| devices | examples/s | x vs first | log_joint evals / step |")
     print("| --- | --- | --- | --- |")
     for r in rows:
-        print(f"| {r['devices']} | {r['examples_per_second']:.0f} | "
-              f"{r['examples_per_second'] / base:.2f} | {r['log_joint_evals_per_step']:.0f} |")
+        print(
+            f"| {r['devices']} | {r['examples_per_second']:.0f} | "
+            f"{r['examples_per_second'] / base:.2f} | {r['log_joint_evals_per_step']:.0f} |"
+        )
     if a.json:
         with open(a.json, "w") as f:
             json.dump(rows, f, indent=1)

@@ -1,5 +1,7 @@
 """vaeml-jax: maximum-likelihood VAEs with unbiased log-likelihood gradients from coupled chains.
 
+Example::
+
     import vaeml_jax as vj
     model = vj.LatentVariableModel(log_joint=..., sample_proposal=..., log_proposal=...)
     unbiased_grad = vj.make_unbiased_grad(model, num_particles=10, k=0, m=0)

@@ -48,9 +48,24 @@ class _Carry(NamedTuple):
     grads: Any
 
 
-def scheduled_estimate(model, params, x, keys, *, S, k, m, C, max_iters, num_slots,
-                       inclusive, reparam_objective, encoder_objective, coefficients_fn,
-                       atom_coefficients_fn):
+def scheduled_estimate(
+    model,
+    params,
+    x,
+    keys,
+    *,
+    S,
+    k,
+    m,
+    C,
+    max_iters,
+    num_slots,
+    inclusive,
+    reparam_objective,
+    encoder_objective,
+    coefficients_fn,
+    atom_coefficients_fn,
+):
     """H_{k:m} for a batch with a P-slot work queue. Same inputs/outputs as the plain loop."""
     B = x.shape[0]
     L = B * C
@@ -83,8 +98,7 @@ def scheduled_estimate(model, params, x, keys, *, S, k, m, C, max_iters, num_slo
 
     kept_z0 = pick(zx)
     # Y_0 of every lane, drawn once here rather than by every slot at every iteration.
-    y0_all = jax.lax.stop_gradient(
-        _common.sample_lanes(model, params, x, key_y0.reshape(B, C), S))
+    y0_all = jax.lax.stop_gradient(_common.sample_lanes(model, params, x, key_y0.reshape(B, C), S))
     y0_all = y0_all.reshape((L,) + y0_all.shape[2:])
     bound = jnp.mean(_common.log_mean_exp(lw_x0), axis=-1)
 
@@ -116,8 +130,9 @@ def scheduled_estimate(model, params, x, keys, *, S, k, m, C, max_iters, num_slo
             new = jnp.concatenate([kept_x[None], kept_y[None], fresh], axis=0)
             return new, jnp.where(is_first, False, met | (i == j))
 
-        atoms, met = jax.vmap(propose)(lane, xs, sl.atoms, sl.log_joint, sl.log_proposal,
-                                       sl.met, sl.t)
+        atoms, met = jax.vmap(propose)(
+            lane, xs, sl.atoms, sl.log_joint, sl.log_proposal, sl.met, sl.t
+        )
 
         def eval_fn(p):
             lj, lq = _common.eval_lanes(model, p, xs, atoms[:, None], inclusive)

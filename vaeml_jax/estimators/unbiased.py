@@ -150,10 +150,22 @@ def make_unbiased_grad(
     def unbiased_grad(params, x, keys):
         if num_slots is not None:
             return _scheduled.scheduled_estimate(
-                model, params, x, keys, S=S, k=k, m=m, C=C, max_iters=max_iters,
-                num_slots=num_slots, inclusive=inclusive, reparam_objective=reparam_objective,
-                encoder_objective=encoder_objective, coefficients_fn=jacob_coefficients,
-                atom_coefficients_fn=_atom_coefficients)
+                model,
+                params,
+                x,
+                keys,
+                S=S,
+                k=k,
+                m=m,
+                C=C,
+                max_iters=max_iters,
+                num_slots=num_slots,
+                inclusive=inclusive,
+                reparam_objective=reparam_objective,
+                encoder_objective=encoder_objective,
+                coefficients_fn=jacob_coefficients,
+                atom_coefficients_fn=_atom_coefficients,
+            )
         B = x.shape[0]
         scale = -1.0 / (B * C)  # loss = -(1/B) sum_i mean_c H_{k:m}
         split = jax.vmap(jax.vmap(lambda kk: jax.random.split(kk, 4)))(keys)
