@@ -528,7 +528,7 @@ def encoder_summary(results: list[dict]) -> str:
             raise ValueError(f"--encoder-summary: runs differ in {diff}; not comparable.")
     objs = [o for o in results[0]["training"] if all(o in r["training"] for r in results)]
 
-    def mse(v):
+    def mean_se(v):
         v = np.asarray(v, np.float64)
         se = v.std(ddof=1) / math.sqrt(v.size) if v.size > 1 else float("nan")
         return f"{v.mean():.2f} +- {se:.2f}"
@@ -547,11 +547,12 @@ def encoder_summary(results: list[dict]) -> str:
     for o in objs:
         last = [tau_stats(np.asarray(r["training"][o]["meeting_times"][-1])) for r in results]
         capped = [r["training"][o]["per_epoch"][-1]["capped_fraction"] for r in results]
-        diff = mse(np.subtract(ll[o], ll["iwae"])) if "iwae" in ll else ""
+        diff = mean_se(np.subtract(ll[o], ll["iwae"]))  # every run has iwae (parse_args)
+        tau = " | ".join(mean_se([t[k] for t in last]) for k in ("mean", "p99", "tail_index"))
         lines.append(
-            f"| {o} | {mse([t['mean'] for t in last])} | {mse([t['p99'] for t in last])} | "
-            f"{mse([t['tail_index'] for t in last])} | {np.mean(capped):.4f} | {mse(ll[o])} | "
-            f"{diff} | " + " | ".join(f"{v:.2f}" for v in ll[o]) + " |"
+            f"| {o} | {tau} | {np.mean(capped):.4f} | {mean_se(ll[o])} | {diff} | "
+            + " | ".join(f"{v:.2f}" for v in ll[o])
+            + " |"
         )
     return "\n".join(lines)
 
@@ -700,10 +701,7 @@ def main(argv=None) -> dict:
     log(f"variance: {json.dumps(settings)}")
     log("part 1: brief training per encoder objective")
     training = brief_training(a, log)
-    if a.encoder_only:
-        rows = []
-    else:
-        rows = variance_parts(a, training, log)
+    rows = [] if a.encoder_only else variance_parts(a, training, log)
     written = plot_all(a, rows, training, Path(a.plots))
     md = markdown(a, rows, training)
     result = {

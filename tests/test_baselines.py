@@ -17,6 +17,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+from _fast_compile import fast_jit
 from absl.testing import parameterized
 from jax.scipy.special import logsumexp
 
@@ -27,7 +28,6 @@ from vaeml_jax.estimators import _common
 S = 5
 B = 4
 RTOL, ATOL = 2e-5, 2e-6
-fast_jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
 
 
 def _setup():

@@ -9,12 +9,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import _fast_compile
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-# Compile-bound subprocess: the unoptimised XLA backend halves the compile time (~75 s -> ~50 s
-# on 2 cores); what is checked here (equal results, outputs written) does not depend on it.
-FAST_COMPILE = "--xla_backend_optimization_level=0"
 
 
 @pytest.mark.slow
@@ -24,7 +22,7 @@ def test_estimator_cost_quick_runs(data_dir, tmp_path):
         os.environ,
         VAEML_DATA_DIR=str(data_dir),
         JAX_PLATFORMS="cpu",
-        XLA_FLAGS=FAST_COMPILE,
+        XLA_FLAGS=_fast_compile.XLA_FLAGS,  # compile-bound
     )
     proc = subprocess.run(
         [

@@ -7,13 +7,13 @@ import subprocess
 import sys
 import textwrap
 
+import _fast_compile
 import pytest
 
 SCRIPT = textwrap.dedent(
     """
     import json, os, sys
-    os.environ["XLA_FLAGS"] = ("--xla_force_host_platform_device_count=4 "
-                               "--xla_backend_optimization_level=0")  # fast compile
+    os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=4"  # set by the fixture
     import jax, numpy as np
     from vaeml_jax.train import TrainConfig, ConfigError, train, read_metrics
 
@@ -58,7 +58,7 @@ SCRIPT = textwrap.dedent(
 def result(tmp_path_factory, data_dir):
     out = tmp_path_factory.mktemp("dp_train")
     env = dict(os.environ, VAEML_DATA_DIR=str(data_dir))
-    env.pop("XLA_FLAGS", None)
+    env["XLA_FLAGS"] = _fast_compile.XLA_FLAGS  # compile-bound; not the caller's flags
     proc = subprocess.run(
         [sys.executable, "-c", SCRIPT, str(out)],
         capture_output=True,

@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+import _fast_compile
 import nbformat
 import pytest
 from nbclient import NotebookClient
@@ -13,8 +14,7 @@ NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "quickstart.ipynb
 def test_quickstart_notebook_executes(tmp_path, monkeypatch):
     monkeypatch.setenv("VAEML_NOTEBOOK_QUICK", "1")
     monkeypatch.setenv("MPLBACKEND", "Agg")
-    # compile-bound at these sizes: the unoptimised XLA backend compiles about twice as fast
-    monkeypatch.setenv("XLA_FLAGS", "--xla_backend_optimization_level=0")
+    monkeypatch.setenv("XLA_FLAGS", _fast_compile.XLA_FLAGS)  # compile-bound
     nb = nbformat.read(NOTEBOOK, as_version=4)
     NotebookClient(
         nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}

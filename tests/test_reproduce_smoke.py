@@ -12,12 +12,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import _fast_compile
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-# Compile-bound subprocess: the unoptimised XLA backend halves the compile time (~75 s -> ~50 s
-# on 2 cores); what is checked here (equal results, outputs written) does not depend on it.
-FAST_COMPILE = "--xla_backend_optimization_level=0"
 
 
 def _run(args, data_dir, timeout=600):
@@ -25,7 +23,7 @@ def _run(args, data_dir, timeout=600):
         os.environ,
         VAEML_DATA_DIR=str(data_dir),
         JAX_PLATFORMS="cpu",
-        XLA_FLAGS=FAST_COMPILE,
+        XLA_FLAGS=_fast_compile.XLA_FLAGS,  # compile-bound
     )
     proc = subprocess.run(
         [sys.executable, *args],

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _fast_compile import fast_jit
 from jax.scipy.special import logsumexp
 
 import vaeml_jax as vj
@@ -25,9 +26,6 @@ from vaeml_jax.estimators import _common
 
 B = 6
 S = 3
-# The shape-and-plumbing tests do not need optimised machine code: level 0 halves XLA's compile
-# time, which dominates these small programs (the statistical tests use the default jit).
-fast_jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
 
 
 @functools.cache
