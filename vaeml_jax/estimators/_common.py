@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 from jax.scipy.special import logsumexp
 
+from vaeml_jax import diagnostics
 from vaeml_jax.model import LatentVariableModel, check_batch
 
 ENCODER_OBJECTIVES = ("elbo", "iwae", "inclusive_kl")
@@ -127,15 +128,29 @@ def encoder_loss_joint(model: LatentVariableModel, params, x, keys, num: int, ob
     return encoder_loss(model, params, x, keys, num, objective, freeze_theta=False)
 
 
-def base_info(batch_size: int, num_chains: int, bound, num_log_joint_evals):
-    """The info dict every estimator returns (zeros where a field has no meaning for it)."""
+def base_info(batch_size: int, num_chains: int, bound, num_log_joint_evals, log_weights=None):
+    """The info dict every estimator returns (zeros where a field has no meaning for it).
+
+    ``log_weights`` (B, C, S): the log importance weights of the initial draws; they give the
+    per-example ``ess``, ``log1p_chi2`` and ``log_weight_std`` of :mod:`vaeml_jax.diagnostics`
+    (averaged over chains), NaN when None (the estimator has no such draws).
+    """
     zeros = jnp.zeros((batch_size, num_chains), jnp.int32)
+    if log_weights is None:
+        nan = jnp.full((batch_size,), jnp.nan, jnp.float32)
+        diag = diagnostics.ImportanceDiagnostics(nan, nan, nan)
+    else:
+        per_lane = diagnostics.importance_diagnostics(jax.lax.stop_gradient(log_weights))
+        diag = jax.tree.map(lambda a: jnp.mean(a, axis=-1).astype(jnp.float32), per_lane)
     return {
         "meeting_time": zeros,
         "num_iters": zeros,
         "capped": jnp.zeros((batch_size, num_chains), bool),
         "num_log_joint_evals": jnp.asarray(num_log_joint_evals, jnp.int32),
         "bound": bound,
+        "ess": diag.ess,
+        "log1p_chi2": diag.log1p_chi2,
+        "log_weight_std": diag.log_weight_std,
     }
 
 

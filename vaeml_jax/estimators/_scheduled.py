@@ -202,7 +202,7 @@ def scheduled_estimate(
     )
     final = jax.lax.while_loop(cond, body, carry)
     evals = L * S + P * (S + 1) * final.iteration
-    info = _common.base_info(B, C, bound, evals)
+    info = _common.base_info(B, C, bound, evals, lw_x0)
     info.update(
         meeting_time=final.meeting_time.reshape(B, C),
         num_iters=final.num_iters.reshape(B, C),

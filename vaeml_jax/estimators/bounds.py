@@ -51,7 +51,7 @@ def _make_bound_grad(model, num_particles: int, encoder_objective, bound: str):
         grads, lw = jax.grad(loss_fn, has_aux=True)(params)
         lw = jax.lax.stop_gradient(lw)
         per_example = _common.log_mean_exp(lw) if bound == "iwae" else jnp.mean(lw, axis=-1)
-        info = _common.base_info(batch, 1, per_example[:, 0], batch * num_particles)
+        info = _common.base_info(batch, 1, per_example[:, 0], batch * num_particles, lw)
         return grads, info
 
     return _common.GradientEstimator(bound, 1, grad_fn, model)

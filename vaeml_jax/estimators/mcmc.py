@@ -117,7 +117,7 @@ def make_mcmc_grad(
             )
         bound = _common.log_mean_exp(lw0)[:, 0]
         evals = B * (S + (S - 1) * burn_only + S * max(T - first_avg + 1, 0))
-        info = _common.base_info(B, 1, bound, evals)
+        info = _common.base_info(B, 1, bound, evals, lw0)
         info["num_iters"] = jnp.full((B, 1), T, jnp.int32)
         return grads, info
 

@@ -268,7 +268,7 @@ def make_unbiased_grad(
         meeting_time = jnp.where(capped, final.t + 1, final.meeting_time)
         bound = jnp.mean(_common.log_mean_exp(lw_x0), axis=-1)
         evals = B * C * (2 * S + (S + 1) * final.iteration)
-        info = _common.base_info(B, C, bound, evals)
+        info = _common.base_info(B, C, bound, evals, lw_x0)
         info.update(meeting_time=meeting_time, num_iters=final.t - 1, capped=capped)
         return final.grads, info
 

@@ -1,0 +1,184 @@
+r"""Diagnostics of the importance weights and the meeting times: what makes the estimator noisy.
+
+The unbiased estimator's variance is driven by two things a user can watch (issue 10):
+
+* **How far the proposal is from the posterior**, read from the S importance weights
+  w_s = p(x, z_s) / q(z_s | x) of the initial draws X_0 (free: every estimator computes them).
+  The effective sample size ESS = (\sum_s w_s)^2 / \sum_s w_s^2 and the plug-in estimate of
+  log(1 + \chi^2(p(z|x) \| q(z|x))) = log E_q[w^2] - 2 log E_q[w] are two views of one
+  statistic: log(1 + \hat\chi^2) = log(S / ESS). The plug-in saturates at log S (one weight
+  dominates), so it is a LOWER bound on the truth when the proposal is poor; the standard
+  deviation of log w (in nats) keeps resolving there. Measured on the paper's MNIST model: 8.4
+  nats after 300 IWAE-5 steps, 6.1 after 3,000, 3.7 for an ELBO-trained encoder.
+* **The tail of the meeting times**. P(tau > t) ~ t^(-alpha) with a Hill estimate of alpha: for
+  alpha <= 2 the meeting time has no finite variance, nor in general has H_{k:m} (its correction
+  sum has tau - k - 1 terms); capped lanes (``max_iters`` reached) are the one source of bias.
+
+Functions here are pure: :func:`importance_diagnostics` is jnp (the estimators call it and put
+its fields in ``info``), the epoch summaries and :func:`health_warnings` are numpy on the host,
+for custom training loops as well as ``vaeml train``.
+
+Example::
+
+    grads, info = unbiased_grad(params, x, key)
+    summary = vj.diagnostics.summarize(info["meeting_time"], info["capped"], info["ess"],
+                                       info["log1p_chi2"], info["log_weight_std"])
+    for line in vj.diagnostics.health_warnings(summary):
+        print(line)
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = [
+    "ImportanceDiagnostics",
+    "importance_diagnostics",
+    "hill_tail_index",
+    "summarize",
+    "health_warnings",
+    "TAIL_INDEX_WARNING",
+    "MIN_TAIL_LANES",
+]
+
+# alpha <= 2: tau has no finite variance. The warning threshold is that, not a tuned number.
+TAIL_INDEX_WARNING = 2.0
+# The Hill estimate uses the top 5% of lanes; with fewer than this many lanes in the tail it is
+# too noisy to act on (reported as NaN, never warned about).
+MIN_TAIL_LANES = 10
+
+
+class ImportanceDiagnostics(NamedTuple):
+    """Per-lane summaries of S log importance weights (leading axes kept, last axis reduced).
+
+    Attributes:
+      ess: effective sample size (sum w)^2 / sum w^2, in [1, S]; 0 where no weight is finite.
+      log1p_chi2: log(S / ESS) = log(1 + chi^2-hat), in [0, log S]; NaN where no weight is finite.
+      log_weight_std: standard deviation of the finite log w (nats); NaN with < 2 finite.
+    """
+
+    ess: jax.Array
+    log1p_chi2: jax.Array
+    log_weight_std: jax.Array
+
+
+def importance_diagnostics(log_weights: jax.Array) -> ImportanceDiagnostics:
+    """ESS, log(1 + chi^2) and std of log w of the importance weights on the last axis.
+
+    Args:
+      log_weights: (..., S) log w_s; -inf (a zero-density particle) is allowed, NaN is treated
+        as -inf (as the estimators do).
+    Returns:
+      :class:`ImportanceDiagnostics` with arrays of shape ``log_weights.shape[:-1]``.
+    """
+    lw = jnp.asarray(log_weights)
+    lw = jnp.where(jnp.isnan(lw), -jnp.inf, lw)
+    finite = jnp.isfinite(lw)
+    any_finite = jnp.any(finite, axis=-1)
+    safe = jnp.where(any_finite[..., None], lw, 0.0)
+    log_sum = jax.nn.logsumexp(safe, axis=-1)
+    log_sum_sq = jax.nn.logsumexp(2.0 * safe, axis=-1)
+    log_ess = 2.0 * log_sum - log_sum_sq
+    num = lw.shape[-1]
+    ess = jnp.where(any_finite, jnp.exp(log_ess), 0.0)
+    log1p_chi2 = jnp.where(any_finite, jnp.maximum(math.log(num) - log_ess, 0.0), jnp.nan)
+    count = jnp.sum(finite, axis=-1)
+    mean = jnp.sum(jnp.where(finite, lw, 0.0), axis=-1) / jnp.maximum(count, 1)
+    sq = jnp.sum(jnp.where(finite, (lw - mean[..., None]) ** 2, 0.0), axis=-1)
+    std = jnp.where(count >= 2, jnp.sqrt(sq / jnp.maximum(count - 1, 1)), jnp.nan)
+    return ImportanceDiagnostics(ess, log1p_chi2, std)
+
+
+def hill_tail_index(meeting_times, tail_fraction: float = 0.05) -> float:
+    r"""Hill estimate of alpha in P(tau > t) ~ t^(-alpha) from the largest ``tail_fraction``.
+
+    alpha-hat = 1 / mean_{i <= n} log(tau_(i) / tau_(n+1)) over the n = floor(tail_fraction * N)
+    largest meeting times (order statistics tau_(1) >= tau_(2) >= ...). alpha <= 2 means tau has
+    no finite variance. Returns NaN when the tail holds fewer than :data:`MIN_TAIL_LANES` lanes or
+    is flat (every top meeting time equal, e.g. all lanes capped at the same value).
+    """
+    if not 0.0 < tail_fraction < 1.0:
+        raise ValueError(f"tail_fraction must be in (0, 1), got {tail_fraction}.")
+    t = np.sort(np.asarray(meeting_times, np.float64).ravel())[::-1]
+    t = t[np.isfinite(t)]
+    n = int(t.size * tail_fraction)
+    if n < MIN_TAIL_LANES or t.size <= n or t[n] <= 0:
+        return float("nan")
+    logs = np.log(t[:n] / t[n])
+    mean_log = float(np.mean(logs))
+    return float(1.0 / mean_log) if mean_log > 0 else float("nan")
+
+
+def _nanmean(a) -> float:
+    a = np.asarray(a, np.float64).ravel()
+    a = a[np.isfinite(a)]
+    return float(a.mean()) if a.size else float("nan")
+
+
+def summarize(
+    meeting_time=None, capped=None, ess=None, log1p_chi2=None, log_weight_std=None
+) -> dict:
+    """Host-side summary of one epoch (or any set of steps); every argument may be None.
+
+    Args:
+      meeting_time: per-lane meeting times, any shape (unbiased estimator only).
+      capped: per-lane bool, same shape (``info["capped"]``).
+      ess, log1p_chi2, log_weight_std: per-example arrays from ``info``.
+    Returns:
+      A dict of plain floats: ``ess_mean``, ``log1p_chi2_mean``, ``log_weight_std_mean``,
+      ``nonfinite_weight_fraction`` (examples with no finite weight), ``tail_index`` (Hill, NaN
+      when the tail is too short), ``capped_fraction``; keys whose input is None are left out.
+    """
+    out: dict = {}
+    if ess is not None:
+        e = np.asarray(ess, np.float64)
+        out["ess_mean"] = _nanmean(e)
+        out["nonfinite_weight_fraction"] = float(np.mean(~(e > 0))) if e.size else 0.0
+    if log1p_chi2 is not None:
+        out["log1p_chi2_mean"] = _nanmean(log1p_chi2)
+    if log_weight_std is not None:
+        out["log_weight_std_mean"] = _nanmean(log_weight_std)
+    if meeting_time is not None:
+        out["tail_index"] = hill_tail_index(meeting_time)
+    if capped is not None:
+        c = np.asarray(capped)
+        out["capped_fraction"] = float(np.mean(c)) if c.size else 0.0
+    return out
+
+
+def health_warnings(summary: dict, max_iters: int | None = None) -> list[str]:
+    """One-line warnings for a :func:`summarize` dict, each naming the knobs that help.
+
+    Warned about: a meeting-time tail index below 2 (variance effectively infinite), capped lanes
+    (biased gradients), examples without a finite importance weight (NaN / inf in the model).
+    """
+    lines = []
+    bad = summary.get("nonfinite_weight_fraction", 0.0)
+    if bad and bad > 0:
+        lines.append(
+            f"{100 * bad:.3g}% of examples had no finite importance weight (log p(x, z) or "
+            "log q(z | x) is NaN or -inf for every draw): check the data (NaN pixels, "
+            "non-binary pixels for a Bernoulli decoder) and the model's log densities."
+        )
+    capped = summary.get("capped_fraction", 0.0)
+    if capped and capped > 0:
+        cap = f" (--max-iters {max_iters})" if max_iters else ""
+        lines.append(
+            f"{100 * capped:.3g}% of lanes hit the iteration cap{cap}: their gradients are "
+            "biased. Raise --max-iters, or shorten meeting times with a larger --num-particles "
+            "or a better proposal (--encoder, --encoder-objective)."
+        )
+    alpha = summary.get("tail_index", float("nan"))
+    if alpha == alpha and alpha < TAIL_INDEX_WARNING:
+        lines.append(
+            f"meeting-time tail index {alpha:.2f} < 2: the unbiased gradient's variance is "
+            "effectively infinite (rare huge gradients). Helps: larger --num-particles, "
+            "--num-chains, a wider --k/--m window, a better proposal (--encoder, "
+            "--encoder-objective); or use --estimator iwae when bias is acceptable."
+        )
+    return lines
