@@ -124,10 +124,16 @@ def test_nan_log_joint_gives_a_clear_summary_not_a_crash():
         return jnp.where(xi[0] == x[0, 0], jnp.nan, model.log_joint(p, xi, z))
 
     bad = vj.LatentVariableModel(nan_joint, model.sample_proposal, model.log_proposal)
-    _, info = vj.make_unbiased_grad(bad, num_particles=4, max_iters=20)(params, x, jax.random.key(4))
+    _, info = vj.make_unbiased_grad(bad, num_particles=4, max_iters=20)(
+        params, x, jax.random.key(4)
+    )
     assert float(info["ess"][0]) == 0.0
     summary = diagnostics.summarize(
-        info["meeting_time"], info["capped"], info["ess"], info["log1p_chi2"], info["log_weight_std"]
+        info["meeting_time"],
+        info["capped"],
+        info["ess"],
+        info["log1p_chi2"],
+        info["log_weight_std"],
     )
     assert summary["nonfinite_weight_fraction"] == pytest.approx(0.25)
     assert all(np.isfinite(v) for k, v in summary.items() if k != "tail_index")
