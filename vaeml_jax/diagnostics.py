@@ -42,6 +42,7 @@ __all__ = [
     "hill_tail_index",
     "summarize",
     "health_warnings",
+    "suggest_window",
     "TAIL_INDEX_WARNING",
     "MIN_TAIL_LANES",
 ]
@@ -182,3 +183,36 @@ def health_warnings(summary: dict, max_iters: int | None = None) -> list[str]:
             "--encoder-objective); or use --estimator iwae when bias is acceptable."
         )
     return lines
+
+
+def suggest_window(meeting_times, batch_max_iters=None, quantile: float = 0.9) -> tuple[int, int]:
+    r"""A window (k, m) for H_{k:m} from meeting times of PAST calls (pilot runs, earlier steps).
+
+    Rule: k = the ``quantile`` of the lanes' meeting times (most lanes then meet before k and
+    carry no correction term), m = max(2k, median of the calls' batch-max iterations). The plain
+    loop runs every lane to its batch's slowest lane anyway, so on an accelerator lanes average
+    h up to m at almost no extra wall-clock; with a work queue (``num_slots``) each lane pays for
+    its own max(tau, m) iterations instead.
+
+    Each step's estimator stays unbiased as long as the window is chosen from meeting times that
+    are independent of that step's draws: never from the same call's ``info``.
+
+    Args:
+      meeting_times: per-lane meeting times of past calls, any shape.
+      batch_max_iters: per-call maximum ``num_iters`` of those calls (optional; without it m =
+        2k).
+      quantile: in (0, 1).
+    Returns:
+      ``(k, m)`` Python ints with 0 <= k <= m.
+    """
+    if not 0.0 < quantile < 1.0:
+        raise ValueError(f"quantile must be in (0, 1), got {quantile}.")
+    tau = np.asarray(meeting_times, np.float64).ravel()
+    tau = tau[np.isfinite(tau)]
+    if tau.size == 0:
+        raise ValueError("suggest_window needs at least one finite meeting time.")
+    k = int(math.ceil(np.quantile(tau, quantile)))
+    m = 2 * k
+    if batch_max_iters is not None and np.size(batch_max_iters):
+        m = max(m, int(np.median(np.asarray(batch_max_iters))))
+    return k, m
