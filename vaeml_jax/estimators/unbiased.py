@@ -38,10 +38,11 @@ import jax.numpy as jnp
 
 from vaeml_jax.cis import normalized_weights
 from vaeml_jax.coupling import chain_views, coupled_select
-from vaeml_jax.estimators import _common, _scheduled
+from vaeml_jax.estimators import _common, _rejuvenation, _scheduled
+from vaeml_jax.estimators._rejuvenation import Rejuvenation
 from vaeml_jax.model import LatentVariableModel, check_model
 
-__all__ = ["make_unbiased_grad", "jacob_coefficients"]
+__all__ = ["make_unbiased_grad", "jacob_coefficients", "Rejuvenation"]
 
 
 def jacob_coefficients(t, met, k: int, m: int):
@@ -78,6 +79,7 @@ def make_unbiased_grad(
     max_iters: int = 1000,
     encoder_objective: str | None = "iwae",
     num_slots: int | None = None,
+    rejuvenation: Rejuvenation | None = None,
 ):
     r"""Build the unbiased estimator of the log-likelihood gradient.
 
@@ -111,6 +113,12 @@ def make_unbiased_grad(
         refilled as lanes finish (:mod:`vaeml_jax.estimators._scheduled`): the work then follows
         the batch-MEAN number of iterations instead of the max, best on CPUs (try P ~ B*C/4).
         Both give the same estimate for the same key, up to floating-point summation order.
+      rejuvenation: None (plain CIS) or a :class:`Rejuvenation`: between the resampling and the
+        refresh, both chains' kept particles are moved by MALA with common random numbers and a
+        reflection-maximal coupled random-walk step (posterior-invariant, so still unbiased), so
+        that kept particles of high weight can meet without waiting for a shared fresh proposal.
+        Costs ``2 (1 + num_steps + 1)`` more log_joint evaluations (with gradients in z) per
+        iteration and lane. Plain loop only (``num_slots=None``).
 
     Returns:
       ``unbiased_grad(params, x, key) -> (grads, info)`` for a batch x of shape (B, ...):
@@ -146,6 +154,14 @@ def make_unbiased_grad(
 
     if num_slots is not None:
         num_slots = _common.check_int("num_slots", num_slots, 1)
+    rejuvenation = _rejuvenation.check_rejuvenation(rejuvenation)
+    if rejuvenation is not None and num_slots is not None:
+        raise ValueError(
+            "rejuvenation runs in the plain loop only: pass num_slots=None (the work queue does "
+            "not move kept particles)."
+        )
+    rej_single = _rejuvenation.evals_per_iteration(rejuvenation, coupled=False)
+    rej_coupled = _rejuvenation.evals_per_iteration(rejuvenation, coupled=True)
 
     def unbiased_grad(params, x, keys):
         if num_slots is not None:
@@ -170,6 +186,10 @@ def make_unbiased_grad(
         scale = -1.0 / (B * C)  # loss = -(1/B) sum_i mean_c H_{k:m}
         split = jax.vmap(jax.vmap(lambda kk: jax.random.split(kk, 4)))(keys)
         key_x0, key_y0, key_sel, key_loop = (split[..., i] for i in range(4))
+        if rejuvenation is not None:
+            rsplit = jax.vmap(jax.vmap(lambda kk: jax.random.split(kk, 2)))(key_sel)
+            key_sel, key_scale = rsplit[..., 0], rsplit[..., 1]
+            mover = _lane_mover(model, params, x, key_scale, rejuvenation)
 
         # ---- t = 0 and t = 1: X_0, Y_0 ~ q^S; X_1 = (X_0[b], Y_0[1:]); one vjp over 2S particles.
         def init_fn(p):
@@ -193,18 +213,38 @@ def make_unbiased_grad(
         def gather(a, idx):  # a (B, C, P, ...), idx (B, C) -> (B, C, ...)
             return jax.vmap(jax.vmap(lambda ai, ii: ai[ii]))(a, idx)
 
-        atoms1 = jnp.concatenate([gather(z0[:, :, :S], b)[:, :, None], z0[:, :, S:]], axis=2)
-        lj1 = jnp.concatenate([gather(lj0[..., :S], b)[..., None], lj0[..., S:]], axis=-1)
-        lq1 = jnp.concatenate([gather(lq0[..., :S], b)[..., None], lq0[..., S:]], axis=-1)
+        kept_x1 = gather(z0[:, :, :S], b)
+        if rejuvenation is not None:  # X_1 = K(X_0) moves X_0's kept particle too
+            # t = 0 is never a loop step's key index (the loop starts at t = 1).
+            key_move1 = jax.vmap(jax.vmap(jax.random.fold_in))(
+                key_loop, jnp.zeros((B, C), jnp.int32)
+            )
+            kept_x1 = mover.single(key_move1, kept_x1)
+            (lj_k, lq_k), kept_vjp = jax.vjp(
+                lambda p: _common.eval_lanes(model, p, x, kept_x1[:, :, None], inclusive), params
+            )
+        atoms1 = jnp.concatenate([kept_x1[:, :, None], z0[:, :, S:]], axis=2)
+        if rejuvenation is None:
+            lj_k = gather(lj0[..., :S], b)[..., None]
+            lq_k = gather(lq0[..., :S], b)[..., None]
+        lj1 = jnp.concatenate([lj_k, lj0[..., S:]], axis=-1)
+        lq1 = jnp.concatenate([lq_k, lq0[..., S:]], axis=-1)
         met1 = jnp.zeros((B, C), bool)  # X_1's kept particle is X_0's, never one of Y_0's
         t1 = jnp.ones((B, C), jnp.int32)
         c_atoms1 = _atom_coefficients(lj1, lq1, met1, t1, k, m)  # (B, C, S+1)
         alpha0, _ = jacob_coefficients(0, False, k, m)
-        # Map the t = 1 atom coefficients back onto the 2S initial particles.
-        c_x0 = alpha0 * wx0 + jax.nn.one_hot(b, S, dtype=dtype) * c_atoms1[..., :1]
+        # Map the t = 1 atom coefficients back onto the 2S initial particles (X_1's kept atom is
+        # X_0[b] itself, unless it was moved: then it gets its own vjp).
+        c_x0 = alpha0 * wx0
+        if rejuvenation is None:
+            c_x0 = c_x0 + jax.nn.one_hot(b, S, dtype=dtype) * c_atoms1[..., :1]
         c_y0 = jnp.concatenate([c_atoms1[..., 1:2], c_atoms1[..., 2:]], axis=-1)
         c0 = (scale * jnp.concatenate([c_x0, c_y0], axis=-1)).astype(dtype)
         (grads0,) = init_vjp((c0, c0 if inclusive else jnp.zeros_like(c0), jnp.ones((), dtype)))
+        if rejuvenation is not None:
+            ck = (scale * c_atoms1[..., :1]).astype(dtype)
+            (gk,) = kept_vjp((ck, ck if inclusive else jnp.zeros_like(ck)))
+            grads0 = jax.tree.map(jnp.add, grads0, gk)
 
         def active(state: _LoopState):
             need = (state.t + 1 <= m) | ~state.met
@@ -222,10 +262,12 @@ def make_unbiased_grad(
             fresh = jax.lax.stop_gradient(
                 _common.sample_lanes(model, params, x, pair[..., 1], S - 1)
             )
-            atoms = jnp.concatenate(
-                [gather(state.atoms, i)[:, :, None], gather(state.atoms, j)[:, :, None], fresh],
-                axis=2,
-            )
+            kept_x, kept_y = gather(state.atoms, i), gather(state.atoms, j)
+            if rejuvenation is not None:
+                key_move = jax.vmap(jax.vmap(lambda kk: jax.random.fold_in(kk, 1)))(pair[..., 0])
+                kept_x, kept_y = mover.coupled(key_move, kept_x, kept_y)
+                i = jnp.where(_same_particle(kept_x, kept_y), j, i)  # met by the move
+            atoms = jnp.concatenate([kept_x[:, :, None], kept_y[:, :, None], fresh], axis=2)
 
             def eval_fn(p):
                 return _common.eval_lanes(model, p, x, atoms, inclusive)
@@ -267,7 +309,7 @@ def make_unbiased_grad(
         capped = ~final.met
         meeting_time = jnp.where(capped, final.t + 1, final.meeting_time)
         bound = jnp.mean(_common.log_mean_exp(lw_x0), axis=-1)
-        evals = B * C * (2 * S + (S + 1) * final.iteration)
+        evals = B * C * (2 * S + rej_single + (S + 1 + rej_coupled) * final.iteration)
         info = _common.base_info(B, C, bound, evals, lw_x0)
         info.update(meeting_time=meeting_time, num_iters=final.t - 1, capped=capped)
         return final.grads, info
@@ -281,3 +323,49 @@ def _atom_coefficients(lj, lq, met, t, k, m):
     lw_x, lw_y = jax.vmap(jax.vmap(chain_views))(lw, met)
     alpha, beta = jacob_coefficients(t, met, k, m)
     return alpha[..., None] * normalized_weights(lw_x) - beta[..., None] * normalized_weights(lw_y)
+
+
+def _same_particle(a, b):
+    """(B, C): the two lanes' particles (B, C, *latent) are the same point."""
+    return jnp.all((a == b).reshape(a.shape[:2] + (-1,)), axis=-1)
+
+
+class _LaneMover(NamedTuple):
+    single: Any  # (keys (B, C), z (B, C, *latent)) -> z'
+    coupled: Any  # (keys, zx, zy) -> (zx', zy')
+
+
+def _lane_mover(model, params, x, key_scale, cfg: Rejuvenation) -> _LaneMover:
+    """The rejuvenation moves of every lane, targeting p(z | x_i) with theta held fixed.
+
+    The preconditioner is the per-coordinate std of ``cfg.scale_draws`` proposal draws made with
+    their own keys (independent of the chains, so the kernel is fixed before they start).
+    """
+    frozen = jax.lax.stop_gradient(params)
+    draws = jax.lax.stop_gradient(
+        _common.sample_lanes(model, frozen, x, key_scale, cfg.scale_draws)
+    )
+    latent_shape = draws.shape[3:]
+    flat = draws.reshape(draws.shape[:3] + (-1,))
+    scales = jnp.maximum(jnp.std(flat, axis=2), 1e-6 * (1.0 + jnp.abs(jnp.mean(flat, axis=2))))
+
+    def logdensity_of(xi):
+        return lambda zf: model.log_joint(frozen, xi, zf.reshape(latent_shape))
+
+    def single_lane(xi, key, scale, z):
+        out = _rejuvenation.single_move(key, z.reshape(-1), logdensity_of(xi), scale, cfg)
+        return out.reshape(latent_shape)
+
+    def coupled_lane(xi, key, scale, zx, zy):
+        ox, oy = _rejuvenation.coupled_move(
+            key, zx.reshape(-1), zy.reshape(-1), logdensity_of(xi), scale, cfg
+        )
+        return ox.reshape(latent_shape), oy.reshape(latent_shape)
+
+    # vmap over chains (x shared), then over examples.
+    single = jax.vmap(jax.vmap(single_lane, in_axes=(None, 0, 0, 0)))
+    coupled = jax.vmap(jax.vmap(coupled_lane, in_axes=(None, 0, 0, 0, 0)))
+    return _LaneMover(
+        single=lambda keys, z: jax.lax.stop_gradient(single(x, keys, scales, z)),
+        coupled=lambda keys, zx, zy: jax.lax.stop_gradient(coupled(x, keys, scales, zx, zy)),
+    )
