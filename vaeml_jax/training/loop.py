@@ -250,10 +250,11 @@ class EpochRunner:
         self.seconds_per_step = seconds / done
         epochs = config.epochs - self.start_epoch
         total = self.seconds_per_step * epochs * steps
-        what = "total" if self.start_epoch == 0 else f"for the {epochs} epochs left"
+        what = "total" if self.start_epoch == 0 else "remaining"
         line = (
             f"vaeml: estimated {what} {format_duration(total)} (first {done} steps: "
-            f"{self.seconds_per_step:.2g} s/step, {steps} steps/epoch, {epochs} epochs"
+            f"{self.seconds_per_step:.2g} s/step, {steps} steps/epoch, {epochs} "
+            + ("epoch" if epochs == 1 else "epochs")
             + (", plus evaluations" if config.eval_every else "")
             + ")"
         )
