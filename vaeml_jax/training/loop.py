@@ -197,7 +197,12 @@ class EpochRunner:
                 job.grad_fn, job.train_step, state, batches[0], steps_key
             )
         buffers = jax.tree.map(lambda s: jnp.zeros((steps, *s.shape), s.dtype), self._metric_shapes)
-        bar = tqdm(
+        compile_seconds = None
+        if self._compiled is None:  # compiled ahead of time so epoch timings exclude it
+            tc = time.perf_counter()
+            self._compiled = self._run_step.lower(state, buffers, batches, 0, steps_key).compile()
+            compile_seconds = time.perf_counter() - tc
+        bar = tqdm(  # opened after compiling, so its rate and ETA are the steps' alone
             total=steps,
             desc=f"epoch {epoch + 1}/{config.epochs}",
             disable=not self.progress,
@@ -205,11 +210,6 @@ class EpochRunner:
             file=sys.stderr,
             unit="step",
         )
-        compile_seconds = None
-        if self._compiled is None:  # compiled ahead of time so epoch timings exclude it
-            tc = time.perf_counter()
-            self._compiled = self._run_step.lower(state, buffers, batches, 0, steps_key).compile()
-            compile_seconds = time.perf_counter() - tc
         timing = self.seconds_per_step is None
         t0 = time.perf_counter()
         last_refresh, shown = t0, 0
