@@ -1,5 +1,6 @@
 """`vaeml train` data parallel over 4 forced CPU devices: same parameters as 1 device, checkpoints
-written on 4 devices resume on 1, indivisible batches refused (subprocess: XLA_FLAGS first)."""
+written on 4 devices resume on 1 and are evaluated and plotted on 1 (and the other way round),
+indivisible batches refused (subprocesses: XLA_FLAGS first)."""
 
 import json
 import os
@@ -8,6 +9,7 @@ import sys
 import textwrap
 
 import _fast_compile
+import numpy as np
 import pytest
 
 SCRIPT = textwrap.dedent(
@@ -89,3 +91,105 @@ def test_metrics_record_num_devices(result):
 def test_indivisible_batch_is_refused_clearly(result):
     assert "does not divide evenly over 4 devices" in result["indivisible"]
     assert not result["bad_dir_written"]
+
+
+# ---- checkpoints written on N devices are read (evaluate, plot, load_run) on any number -------
+MOVE_SCRIPT = textwrap.dedent(
+    """
+    import json, os, sys
+    out, devices = sys.argv[1], int(sys.argv[2])
+    if devices > 1:
+        os.environ["XLA_FLAGS"] += f" --xla_force_host_platform_device_count={devices}"
+    import jax, numpy as np
+    from vaeml_jax import cli
+    from vaeml_jax.train import load_run
+
+    def path(*p):
+        return os.path.join(out, *p)
+
+    tiny = ["--hidden", "16", "--latent-dim", "4", "--num-particles", "3",
+            "--max-train-examples", "200", "--epochs", "1", "--no-progress"]
+    evaluate = ["--num-samples", "20", "--chunk-size", "20", "--max-test-examples", "100",
+                "--batch-size", "50", "--elbo-samples", "2"]
+
+    def check(rc):
+        assert rc == 0, rc
+
+    def evaluate_and_plot(run, tag):
+        check(cli.main(["evaluate", path(run), *evaluate, "--output", path(f"{run}_on{tag}.json")]))
+        check(cli.main(["plot", path(run), "--out", path(f"plots_{run}_on{tag}")]))
+        _, _, params, epoch = load_run(path(run))
+        np.savez(path(f"{run}_on{tag}.npz"), *[np.asarray(x) for x in jax.tree.leaves(params)])
+
+    result = {"devices": len(jax.devices())}
+    if devices > 1:  # train on 4 and on 1 device; the run trained on 1 is read here, on 4
+        check(cli.main(["train", *tiny, "--devices", str(devices), "--out", path("many")]))
+        check(cli.main(["train", *tiny, "--devices", "1", "--out", path("one")]))
+        evaluate_and_plot("one", devices)
+    else:  # a 1-device process reads both
+        evaluate_and_plot("many", 1)
+        evaluate_and_plot("one", 1)
+    print("RESULT" + json.dumps(result))
+    """
+)
+
+
+def _run_move_script(out, devices, data_dir):
+    env = dict(os.environ, VAEML_DATA_DIR=str(data_dir), MPLBACKEND="Agg")
+    env["XLA_FLAGS"] = _fast_compile.XLA_FLAGS
+    proc = subprocess.run(
+        [sys.executable, "-c", MOVE_SCRIPT, str(out), str(devices)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT")][-1]
+    return json.loads(line[len("RESULT") :]), proc.stderr
+
+
+@pytest.fixture(scope="module")
+def moved(tmp_path_factory, data_dir):
+    """Train on 4 forced CPU devices and on 1 (a 4-device process), then read both runs in a
+    1-device process, and the 1-device run in the 4-device one."""
+    out = tmp_path_factory.mktemp("moved")
+    four, _ = _run_move_script(out, 4, data_dir)
+    one, stderr = _run_move_script(out, 1, data_dir)
+    return out, four, one, stderr
+
+
+def _eval(out, name):
+    return json.loads((out / f"{name}.json").read_text())
+
+
+def _params(out, name):
+    with np.load(out / f"{name}.npz") as z:
+        return [z[k] for k in sorted(z.files, key=lambda k: int(k.split("_")[1]))]
+
+
+def test_checkpoint_from_4_devices_evaluates_and_plots_on_1(moved):
+    out, four, one, stderr = moved
+    assert (four["devices"], one["devices"]) == (4, 1)
+    a, b = _eval(out, "many_on1"), _eval(out, "one_on1")
+    # the same seed on 4 and on 1 device: parameters within the cross-device reduction order
+    scale = max(1.0, max(float(np.max(np.abs(p))) for p in _params(out, "one_on1")))
+    for p, q in zip(_params(out, "many_on1"), _params(out, "one_on1"), strict=True):
+        np.testing.assert_allclose(p, q, atol=1e-4 * scale)
+    for key in ("test_log_likelihood", "test_elbo"):
+        assert abs(a[key] - b[key]) <= 1e-3 * abs(b[key]), (key, a[key], b[key])
+    assert sorted(p.name for p in (out / "plots_many_on1").iterdir()) == [
+        "curves.png", "meeting_times.png", "reconstructions.png", "samples.png"
+    ]  # fmt: skip
+    # a restore with target shardings leaves no un-awaited Orbax read behind
+    assert "never awaited" not in stderr, stderr[-2000:]
+
+
+def test_checkpoint_from_1_device_evaluates_and_plots_on_4(moved):
+    out, *_ = moved
+    a, b = _eval(out, "one_on4"), _eval(out, "one_on1")
+    for p, q in zip(_params(out, "one_on4"), _params(out, "one_on1"), strict=True):
+        np.testing.assert_array_equal(p, q)
+    for key in ("test_log_likelihood", "test_elbo"):
+        assert abs(a[key] - b[key]) <= 1e-5 * abs(b[key]), (key, a[key], b[key])
+    assert (out / "plots_one_on4" / "samples.png").exists()

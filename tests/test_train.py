@@ -212,3 +212,20 @@ def test_resumed_run_ends_with_the_parameters_of_an_uninterrupted_one(tmp_path, 
         train(
             dataclasses.replace(cfg, latent_dim=5), tmp_path / "part", resume=True, progress=False
         )
+
+
+def test_a_run_announces_its_estimated_length_once(tmp_path, data_dir):
+    cfg = TrainConfig(data_dir=str(data_dir), epochs=2, **SMALL)
+    lines: list[str] = []
+    train(cfg, tmp_path / "run", progress=False, log=lines.append)
+    est = [i for i, ln in enumerate(lines) if ln.startswith("vaeml: estimated total ~")]
+    assert len(est) == 1, lines
+    # 200 examples / batch 50: the 4 steps of the first epoch are timed; before its summary line
+    assert "(first 4 steps: " in lines[est[0]] and "4 steps/epoch, 2 epochs)" in lines[est[0]]
+    assert est[0] < next(i for i, ln in enumerate(lines) if ln.startswith("epoch 1/2"))
+    lines.clear()
+    train(dataclasses.replace(cfg, epochs=3), tmp_path / "run", resume=True, progress=False,
+          log=lines.append)  # fmt: skip
+    est = [ln for ln in lines if ln.startswith("vaeml: estimated")]
+    assert len(est) == 1 and est[0].startswith("vaeml: estimated remaining ~"), lines
+    assert "4 steps/epoch, 1 epoch)" in est[0]

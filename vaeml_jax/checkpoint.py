@@ -37,8 +37,23 @@ class CheckpointError(RuntimeError):
 
 
 def _abstract(tree: Any) -> Any:
-    """ShapeDtypeStructs of a pytree of arrays (or of ShapeDtypeStructs), for StandardRestore."""
-    return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+    """ShapeDtypeStructs of a pytree of arrays (or of ShapeDtypeStructs), for StandardRestore.
+
+    Every leaf gets a sharding on THIS process's devices: a concrete array keeps its own, an
+    abstract leaf without one (``jax.eval_shape``'s) is placed on the first local device. Without
+    a target sharding Orbax would rebuild the sharding stored in the checkpoint, i.e. the devices
+    of the process that wrote it, and a checkpoint written on 4 devices would not open on 1
+    ("Topology mismatch").
+    """
+    here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+    def leaf(x: Any) -> Any:
+        s = ocp.utils.to_shape_dtype_struct(x)
+        if isinstance(s, jax.ShapeDtypeStruct) and s.sharding is None:
+            s = jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=here)
+        return s
+
+    return jax.tree.map(leaf, tree)
 
 
 class Checkpointer:

@@ -299,7 +299,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     import jax
 
     from vaeml_jax.evaluation import SCHEDULES, evaluate
-    from vaeml_jax.train import _write_atomic, load_data, load_run
+    from vaeml_jax.train import load_data, load_run
+    from vaeml_jax.training.rundir import write_atomic
 
     if args.method not in ("is", "ais"):
         raise CLIError(f"unknown --method {args.method!r}; choose is or ais.")
@@ -363,7 +364,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if "ais" in res:
         out["ais"] = res["ais"]
     path = Path(args.output) if args.output else run_dir / EVAL_FILE
-    _write_atomic(path, json.dumps(out, indent=2, default=_json_default) + "\n")
+    write_atomic(path, json.dumps(out, indent=2, default=_json_default) + "\n")
     rows = [
         ("run", str(run_dir)),
         ("dataset", f"{config.dataset} ({config.binarization}), {out['num_examples']} examples"),
