@@ -24,6 +24,11 @@ Groups (``--groups``):
 * ``encoders``: the baseline at each encoder variant's model (std log w, tau tail, variance).
 * ``regime``: the baseline and IWAE-10 at each latent dimension: where the variance ratio to
   IWAE-S is smallest.
+* ``stage``: the baseline and IWAE-10 after each of ``--stages`` IWAE-5 training steps.
+* ``rejuvenation``: the baseline with its kept particles moved between CIS steps
+  (``--rejuvenation`` entries ``STEPS,STEP_SIZE,MEET_SCALE``: MALA steps, their size and the
+  reflection-maximal random-walk scale, in units of q's per-coordinate std); a value-and-gradient
+  of log_joint counts as one evaluation, so the seconds column matters here too.
 
 Heavy tails make tr Cov's standard error as large as tr Cov itself in the worst rows; "top share"
 (the largest replicate's share of the summed squared deviations) shows when one replicate carries
@@ -67,8 +72,10 @@ PRESETS = {
         var_batch=20,
         replicates=200,
         pilot=20,
-        groups=["windows", "budget", "encoders", "regime"],
+        groups=["windows", "budget", "encoders", "regime", "stage", "rejuvenation"],
         km=["0,4", "5,10", "10,20", "20,40", "40,80"],
+        stages=[1000, 3000],
+        rejuvenation=["3,0.5,0.3", "1,0.5,0.5", "0,0.5,0.3", "3,1.0,0.3"],
         sc=["2,5", "5,2", "5,1", "20,1", "40,1", "10,4"],
         encoders=["diag:iwae"],
         latent_dims=[2, 5, 10, 20, 50],
@@ -82,8 +89,10 @@ PRESETS = {
         var_batch=4,
         replicates=4,
         pilot=2,
-        groups=["windows", "budget", "encoders", "regime"],
+        groups=["windows", "budget", "encoders", "regime", "stage", "rejuvenation"],
         km=["0,2"],
+        stages=[6],
+        rejuvenation=["1,0.5,0.3"],
         sc=["2,2"],
         encoders=["diag:iwae"],
         latent_dims=[2],
@@ -95,14 +104,16 @@ PRESETS = {
 BASELINE = dict(kind="unbiased", S=10, C=1, k=0, m=0)
 
 
-def train_state(a, ds_name: str, *, latent_dim: int, encoder: str, objective: str, log):
-    """Train IWAE-5 for ``a.train_steps`` steps; returns (vae, params, seconds)."""
+def train_state(
+    a, ds_name: str, *, latent_dim: int, encoder: str, objective: str, log, steps: int
+):
+    """Train IWAE-5 for ``steps`` steps; returns (vae, params, seconds)."""
     overrides = {}
     if encoder != "diag":
         overrides["encoder"] = encoder
     batch = min(100, a.train_examples)
     steps_per_epoch = a.train_examples // batch
-    epochs = max(1, round(a.train_steps / steps_per_epoch))
+    epochs = max(1, round(steps / steps_per_epoch))
     cfg = TrainConfig.from_dict(
         dict(
             dataset=ds_name,
@@ -121,7 +132,8 @@ def train_state(a, ds_name: str, *, latent_dim: int, encoder: str, objective: st
             **overrides,
         )
     )
-    run_dir = Path(a.work) / f"state_{encoder}_{objective}_z{latent_dim}"
+    suffix = "" if steps == a.train_steps else f"_steps{steps}"
+    run_dir = Path(a.work) / f"state_{encoder}_{objective}_z{latent_dim}{suffix}"
     t0 = time.perf_counter()
     res = train(cfg, run_dir, resume=run_dir.exists(), progress=False, log=lambda m: None)
     log(f"  state {run_dir.name}: {epochs * steps_per_epoch} IWAE-5 steps")
@@ -131,6 +143,10 @@ def train_state(a, ds_name: str, *, latent_dim: int, encoder: str, objective: st
 def make_grad(model, c: dict, max_iters: int):
     if c["kind"] == "iwae":
         return vj.make_iwae_grad(model, num_particles=c["S"])
+    rejuvenation = None
+    if c.get("rejuvenation"):
+        steps, eps, delta = c["rejuvenation"]
+        rejuvenation = vj.Rejuvenation(num_steps=int(steps), step_size=eps, meet_scale=delta)
     return vj.make_unbiased_grad(
         model,
         num_particles=c["S"],
@@ -138,6 +154,7 @@ def make_grad(model, c: dict, max_iters: int):
         m=c["m"],
         num_chains=c["C"],
         max_iters=max(max_iters, c["m"]),
+        rejuvenation=rejuvenation,
     )
 
 
@@ -209,7 +226,10 @@ def add_gains(rows: list[dict]) -> None:
             (
                 b
                 for b in rows
-                if b["state"] == r["state"] and all(b.get(k) == v for k, v in BASELINE.items())
+                if b["state"] == r["state"]
+                and all(b.get(k) == v for k, v in BASELINE.items())
+                and not b.get("rejuvenation")
+                and not b.get("auto")
             ),
             None,
         )
@@ -227,16 +247,20 @@ def row_name(c: dict) -> str:
         return f"iwae S={c['S']}"
     extra = f" C={c['C']}" if c["C"] != 1 else ""
     auto = " (auto)" if c.get("auto") else ""
-    return f"unbiased S={c['S']}{extra} k={c['k']} m={c['m']}{auto}"
+    rej = ""
+    if c.get("rejuvenation"):
+        steps, eps, delta = c["rejuvenation"]
+        rej = f" + MALA {int(steps)}x{eps:g}, RW {delta:g}"
+    return f"unbiased S={c['S']}{extra} k={c['k']} m={c['m']}{auto}{rej}"
 
 
 def markdown(rows: list[dict]) -> str:
     head = (
         "| group | state | estimator | tr Cov +- SE | top share | evals own | evals executed "
         "| gain/eval own | gain/eval executed | tau mean / p99 / max / alpha | capped "
-        "| std log w | ESS |"
+        "| std log w | ESS | s/call |"
     )
-    lines = [head, "| --- " * 13 + "|"]
+    lines = [head, "| --- " * 14 + "|"]
     for r in rows:
         tau = r.get("tau")
         tau_s = (
@@ -249,7 +273,8 @@ def markdown(rows: list[dict]) -> str:
             f"| {r['group']} | {r['state']} | {row_name(r)} | {r['trace_cov']:.4g} +- "
             f"{r['trace_cov_se']:.2g} | {r['top_share']:.2f} | {r['evals_own']:.1f} | "
             f"{r['evals_executed']:.1f} | {gain[0]} | {gain[1]} | {tau_s} | "
-            f"{r['capped_fraction']:.4f} | {r['log_weight_std']:.2f} | {r['ess']:.2f} |"
+            f"{r['capped_fraction']:.4f} | {r['log_weight_std']:.2f} | {r['ess']:.2f} | "
+            f"{r['seconds'] / r['replicates']:.3f} |"
         )
     return "\n".join(lines)
 
@@ -266,7 +291,15 @@ def parse_args(argv=None):
     p.add_argument("--var-batch", type=int)
     p.add_argument("--replicates", type=int)
     p.add_argument("--pilot", type=int, help="baseline calls that choose the automatic window")
-    p.add_argument("--groups", nargs="+", choices=["windows", "budget", "encoders", "regime"])
+    p.add_argument(
+        "--groups",
+        nargs="+",
+        choices=["windows", "budget", "encoders", "regime", "stage", "rejuvenation"],
+    )
+    p.add_argument("--stages", type=int, nargs="*", help="IWAE-5 steps of the stage group")
+    p.add_argument(
+        "--rejuvenation", nargs="*", help="'STEPS,STEP_SIZE,MEET_SCALE' kept-particle moves"
+    )
     p.add_argument("--km", nargs="*", help="'k,m' windows at S=10")
     p.add_argument("--sc", nargs="*", help="'S,C' pairs (particles, chains)")
     p.add_argument("--encoders", nargs="*", help="ENCODER:OBJECTIVE model states")
@@ -289,6 +322,12 @@ def parse_args(argv=None):
         a.sc = [tuple(int(v) for v in sc.split(",")) for sc in a.sc]
     except ValueError:
         p.error("--km and --sc take pairs of integers like 0,4")
+    try:
+        a.rejuvenation = [tuple(float(v) for v in r.split(",")) for r in a.rejuvenation]
+    except ValueError:
+        p.error("--rejuvenation takes STEPS,STEP_SIZE,MEET_SCALE like 3,0.5,0.3")
+    if any(len(r) != 3 or r[0] < 0 or r[1] <= 0 or r[2] < 0 for r in a.rejuvenation):
+        p.error("--rejuvenation needs STEPS >= 0, STEP_SIZE > 0 and MEET_SCALE >= 0.")
     if any(not 0 <= k <= m for k, m in a.km) or any(s < 2 or c < 1 for s, c in a.sc):
         p.error("--km needs 0 <= k <= m; --sc needs S >= 2 and C >= 1.")
     for e in a.encoders:
@@ -318,11 +357,20 @@ def main(argv=None) -> dict:
     base_iwae = dict(kind="iwae", S=10, C=1, k=0, m=0)
     states: dict[str, tuple] = {}
 
-    def state(latent_dim: int, encoder: str = "diag", objective: str = "iwae"):
+    def state(latent_dim: int, encoder: str = "diag", objective: str = "iwae", steps=None):
+        steps = a.train_steps if steps is None else steps
         name = f"{encoder}:{objective} z={latent_dim}"
+        if steps != a.train_steps:
+            name += f" {steps} steps"
         if name not in states:
             states[name] = train_state(
-                a, a.dataset, latent_dim=latent_dim, encoder=encoder, objective=objective, log=log
+                a,
+                a.dataset,
+                latent_dim=latent_dim,
+                encoder=encoder,
+                objective=objective,
+                log=log,
+                steps=steps,
             )
         return name, states[name]
 
@@ -345,6 +393,16 @@ def main(argv=None) -> dict:
         for d in a.latent_dims:
             name, _ = state(d)
             plan += [("regime", name, c) for c in (base_iwae, BASELINE)]
+
+    if "stage" in a.groups:
+        for steps in a.stages:
+            name, _ = state(a.latent_dim, steps=steps)
+            plan += [("stage", name, c) for c in (base_iwae, BASELINE)]
+    if "rejuvenation" in a.groups:
+        plan.append(("rejuvenation", main_state, BASELINE))
+        plan += [
+            ("rejuvenation", main_state, {**BASELINE, "rejuvenation": r}) for r in a.rejuvenation
+        ]
 
     rows, done = [], {}
     for group, state_name, c in plan:

@@ -8,8 +8,9 @@ Example::
     grads, info = unbiased_grad(params, x, key)
 """
 
-from vaeml_jax import cis, coupling
+from vaeml_jax import cis, coupling, diagnostics
 from vaeml_jax.estimators import (
+    Rejuvenation,
     make_elbo_grad,
     make_iwae_grad,
     make_mcmc_grad,
@@ -23,6 +24,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "LatentVariableModel",
+    "Rejuvenation",
+    "diagnostics",
     "make_unbiased_grad",
     "make_iwae_grad",
     "make_elbo_grad",
