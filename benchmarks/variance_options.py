@@ -63,6 +63,7 @@ from variance import decoder_flat, tau_stats, trace_cov  # noqa: E402
 import vaeml_jax as vj  # noqa: E402
 from vaeml_jax.data import binarize_static, load_dataset  # noqa: E402
 from vaeml_jax.diagnostics import suggest_window  # noqa: E402
+from vaeml_jax.estimators._rejuvenation import evals_per_iteration  # noqa: E402
 from vaeml_jax.train import TrainConfig, build_vae, train  # noqa: E402
 
 PRESETS = {
@@ -104,9 +105,7 @@ PRESETS = {
 BASELINE = dict(kind="unbiased", S=10, C=1, k=0, m=0)
 
 
-def train_state(
-    a, ds_name: str, *, latent_dim: int, encoder: str, objective: str, log, steps: int
-):
+def train_state(a, ds_name: str, *, latent_dim: int, encoder: str, objective: str, log, steps: int):
     """Train IWAE-5 for ``steps`` steps; returns (vae, params, seconds)."""
     overrides = {}
     if encoder != "diag":
@@ -140,13 +139,17 @@ def train_state(
     return build_vae(cfg.resolved()), res["params"], time.perf_counter() - t0
 
 
+def rejuvenation_of(c: dict):
+    """The row's vj.Rejuvenation (from its (steps, step size, meet scale) triple) or None."""
+    if not c.get("rejuvenation"):
+        return None
+    steps, eps, delta = c["rejuvenation"]
+    return vj.Rejuvenation(num_steps=int(steps), step_size=eps, meet_scale=delta)
+
+
 def make_grad(model, c: dict, max_iters: int):
     if c["kind"] == "iwae":
         return vj.make_iwae_grad(model, num_particles=c["S"])
-    rejuvenation = None
-    if c.get("rejuvenation"):
-        steps, eps, delta = c["rejuvenation"]
-        rejuvenation = vj.Rejuvenation(num_steps=int(steps), step_size=eps, meet_scale=delta)
     return vj.make_unbiased_grad(
         model,
         num_particles=c["S"],
@@ -154,7 +157,7 @@ def make_grad(model, c: dict, max_iters: int):
         m=c["m"],
         num_chains=c["C"],
         max_iters=max(max_iters, c["m"]),
-        rejuvenation=rejuvenation,
+        rejuvenation=rejuvenation_of(c),
     )
 
 
@@ -182,9 +185,12 @@ def run_config(a, model, params, x, c: dict, key) -> dict:
     g = np.stack(gs)
     tc, tc_se = trace_cov(g)
     dev = np.sum((g - g.mean(0)) ** 2, axis=1)
-    S, C = c["S"], c.get("C", 1)
+    S = c["S"]
     if c["kind"] == "unbiased":
-        own = float(np.mean(np.sum(2 * S + (S + 1) * np.stack(iters), axis=-1)))
+        rej = rejuvenation_of(c)  # its evaluations: the first move, then each coupled one
+        first, coupled = (evals_per_iteration(rej, coupled=b) for b in (False, True))
+        per_lane = 2 * S + first + (S + 1 + coupled) * np.stack(iters)
+        own = float(np.mean(np.sum(per_lane, axis=-1)))
     else:
         own = float(S)
     row = {
