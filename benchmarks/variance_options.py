@@ -73,11 +73,12 @@ PRESETS = {
         var_batch=20,
         replicates=200,
         pilot=20,
-        groups=["windows", "budget", "encoders", "regime", "stage", "rejuvenation"],
+        groups=["rejuvenation", "budget", "stage", "regime", "encoders", "windows"],
         km=["0,4", "5,10", "10,20", "20,40", "40,80"],
         stages=[1000, 3000],
-        rejuvenation=["3,0.5,0.3", "1,0.5,0.5", "0,0.5,0.3", "3,1.0,0.3"],
-        sc=["2,5", "5,2", "5,1", "20,1", "40,1", "10,4"],
+        rejuvenation=["0,0.5,0.3", "3,0.5,0.3"],
+        rejuvenation_replicates=24,
+        sc=["5,2", "5,1", "20,1", "40,1", "10,4"],
         encoders=["diag:iwae"],
         latent_dims=[2, 5, 10, 20, 50],
         hidden=[200, 200],
@@ -94,6 +95,7 @@ PRESETS = {
         km=["0,2"],
         stages=[6],
         rejuvenation=["1,0.5,0.3"],
+        rejuvenation_replicates=3,
         sc=["2,2"],
         encoders=["diag:iwae"],
         latent_dims=[2],
@@ -171,9 +173,12 @@ def run_config(a, model, params, x, c: dict, key) -> dict:
         return decoder_flat(g), info
 
     B = x.shape[0]
+    replicates = a.rejuvenation_replicates if c.get("rejuvenation") else a.replicates
     t0 = time.perf_counter()
     gs, taus, iters, capped, executed, lw_std, ess = [], [], [], [], [], [], []
-    for r in range(a.replicates):
+    for r in range(replicates):
+        if r == 1:  # the first call compiles: seconds per call from the second one on
+            t0 = time.perf_counter()
         g, info = call(params, jax.random.fold_in(key, r))
         gs.append(np.asarray(g, np.float64))
         taus.append(np.asarray(info["meeting_time"]))
@@ -195,7 +200,7 @@ def run_config(a, model, params, x, c: dict, key) -> dict:
         own = float(S)
     row = {
         **c,
-        "replicates": a.replicates,
+        "replicates": replicates,
         "batch": int(B),
         "trace_cov": tc,
         "trace_cov_se": tc_se,
@@ -205,7 +210,7 @@ def run_config(a, model, params, x, c: dict, key) -> dict:
         "capped_fraction": float(np.mean(np.stack(capped))),
         "log_weight_std": float(np.nanmean(np.stack(lw_std))),
         "ess": float(np.nanmean(np.stack(ess))),
-        "seconds": time.perf_counter() - t0,
+        "seconds": (time.perf_counter() - t0) * replicates / max(replicates - 1, 1),
     }
     if c["kind"] == "unbiased":
         row["tau"] = tau_stats(np.stack(taus))
@@ -296,6 +301,11 @@ def parse_args(argv=None):
     p.add_argument("--train-steps", type=int, help="IWAE-5 Adam steps before measuring")
     p.add_argument("--var-batch", type=int)
     p.add_argument("--replicates", type=int)
+    p.add_argument(
+        "--rejuvenation-replicates",
+        type=int,
+        help="replicates of the rejuvenation rows (their calls can run to --max-iters)",
+    )
     p.add_argument("--pilot", type=int, help="baseline calls that choose the automatic window")
     p.add_argument(
         "--groups",
@@ -321,7 +331,7 @@ def parse_args(argv=None):
     for name, value in PRESETS["quick" if a.quick else "cpu"].items():
         if getattr(a, name, None) is None:
             setattr(a, name, value)
-    if a.replicates < 2:
+    if a.replicates < 2 or a.rejuvenation_replicates < 2:
         p.error("--replicates must be >= 2 (a covariance needs two replicates).")
     try:
         a.km = [tuple(int(v) for v in km.split(",")) for km in a.km]
@@ -380,42 +390,57 @@ def main(argv=None) -> dict:
             )
         return name, states[name]
 
-    plan: list[tuple[str, str, dict]] = []  # (group, state, config)
+    plan: list[tuple[str, str, dict]] = []  # (group, state, config), in --groups order
     main_state, (vae, params, _) = state(a.latent_dim)
-    if "windows" in a.groups:
-        plan += [("windows", main_state, c) for c in (base_iwae, BASELINE)]
-        plan += [("windows", main_state, {**BASELINE, "k": k, "m": m}) for k, m in a.km]
-        k, m, pilot = pilot_window(a, vae.model, params, x, pilot_key)
-        log(f"  automatic window from {a.pilot} pilot calls: k={k}, m={m} ({pilot})")
-        plan.append(("windows", main_state, {**BASELINE, "k": k, "m": m, "auto": True, **pilot}))
-    if "budget" in a.groups:
-        plan += [("budget", main_state, {**BASELINE, "S": s, "C": c}) for s, c in a.sc]
-    if "encoders" in a.groups:
-        for e in a.encoders:
-            enc, obj = e.split(":")
-            name, _ = state(a.latent_dim, enc, obj)
-            plan += [("encoders", name, c) for c in (base_iwae, BASELINE)]
-    if "regime" in a.groups:
-        for d in a.latent_dims:
-            name, _ = state(d)
-            plan += [("regime", name, c) for c in (base_iwae, BASELINE)]
+    for group in a.groups:
+        if group == "windows":
+            plan += [("windows", main_state, c) for c in (base_iwae, BASELINE)]
+            plan += [("windows", main_state, {**BASELINE, "k": k, "m": m}) for k, m in a.km]
+            k, m, pilot = pilot_window(a, vae.model, params, x, pilot_key)
+            log(f"  automatic window from {a.pilot} pilot calls: k={k}, m={m} ({pilot})")
+            auto = {**BASELINE, "k": k, "m": m, "auto": True, **pilot}
+            plan.append(("windows", main_state, auto))
+        elif group == "budget":
+            plan += [("budget", main_state, {**BASELINE, "S": s, "C": c}) for s, c in a.sc]
+        elif group == "encoders":
+            for e in a.encoders:
+                enc, obj = e.split(":")
+                name, _ = state(a.latent_dim, enc, obj)
+                plan += [("encoders", name, c) for c in (base_iwae, BASELINE)]
+        elif group == "regime":
+            for d in a.latent_dims:
+                name, _ = state(d)
+                plan += [("regime", name, c) for c in (base_iwae, BASELINE)]
+        elif group == "stage":
+            for steps in a.stages:
+                name, _ = state(a.latent_dim, steps=steps)
+                plan += [("stage", name, c) for c in (base_iwae, BASELINE)]
+        elif group == "rejuvenation":
+            plan += [("rejuvenation", main_state, c) for c in (base_iwae, BASELINE)]
+            plan += [
+                ("rejuvenation", main_state, {**BASELINE, "rejuvenation": r})
+                for r in a.rejuvenation
+            ]
 
-    if "stage" in a.groups:
-        for steps in a.stages:
-            name, _ = state(a.latent_dim, steps=steps)
-            plan += [("stage", name, c) for c in (base_iwae, BASELINE)]
-    if "rejuvenation" in a.groups:
-        plan.append(("rejuvenation", main_state, BASELINE))
-        plan += [
-            ("rejuvenation", main_state, {**BASELINE, "rejuvenation": r}) for r in a.rejuvenation
-        ]
-
-    rows, done = [], {}
+    # Finished rows are cached in <work>/rows.jsonl (keyed by state, config and the measurement
+    # settings), so an interrupted run resumes and a config shared by two groups runs once.
+    cache_file = Path(a.work) / "rows.jsonl"
+    keys = ("var_batch", "replicates", "rejuvenation_replicates", "seed", "max_iters")
+    measure = {k: settings[k] for k in keys}
+    measure.update(train_examples=a.train_examples, dataset=a.dataset, hidden=a.hidden)
+    done = {}
+    if cache_file.exists():
+        for line in cache_file.read_text().splitlines():
+            entry = json.loads(line)
+            done[entry["key"]] = entry["row"]
+    rows = []
     for group, state_name, c in plan:
-        key = (state_name, json.dumps(c, sort_keys=True))
-        if key not in done:  # a config shared by two groups is measured once
+        key = json.dumps([state_name, c, measure], sort_keys=True)
+        if key not in done:
             vae_s, params_s, _ = states[state_name]
             done[key] = run_config(a, vae_s.model, params_s, x, c, measure_key)
+            with cache_file.open("a") as f:
+                f.write(json.dumps({"key": key, "row": done[key]}, default=float) + "\n")
             r = done[key]
             log(
                 f"  {state_name:<22} {row_name(c):<34} trCov {r['trace_cov']:.4g} +- "
