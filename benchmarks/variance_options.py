@@ -63,7 +63,7 @@ from variance import decoder_flat, tau_stats, trace_cov  # noqa: E402
 import vaeml_jax as vj  # noqa: E402
 from vaeml_jax.data import binarize_static, load_dataset  # noqa: E402
 from vaeml_jax.diagnostics import suggest_window  # noqa: E402
-from vaeml_jax.estimators._rejuvenation import evals_per_iteration  # noqa: E402
+from vaeml_jax.estimators._rejuvenation import extra_evals  # noqa: E402
 from vaeml_jax.train import TrainConfig, build_vae, train  # noqa: E402
 
 PRESETS = {
@@ -193,7 +193,7 @@ def run_config(a, model, params, x, c: dict, key) -> dict:
     S = c["S"]
     if c["kind"] == "unbiased":
         rej = rejuvenation_of(c)  # its evaluations: the first move, then each coupled one
-        first, coupled = (evals_per_iteration(rej, coupled=b) for b in (False, True))
+        first, coupled = extra_evals(rej)
         per_lane = 2 * S + first + (S + 1 + coupled) * np.stack(iters)
         own = float(np.mean(np.sum(per_lane, axis=-1)))
     else:

@@ -113,5 +113,5 @@ def test_rejuvenation_counts_its_evaluations():
     )
     iters = int(np.max(info["num_iters"]))
     per_chain = 1 + 2 + 1
-    expected = 3 * (2 * 3 + per_chain + (3 + 1 + 2 * per_chain) * iters)
+    expected = 3 * (2 * 3 + per_chain + 1 + (3 + 1 + 2 * per_chain) * iters)
     assert int(info["num_log_joint_evals"]) == expected

@@ -164,3 +164,14 @@ def evals_per_iteration(cfg: Rejuvenation | None, coupled: bool) -> int:
         return 0
     per_chain = 1 + cfg.num_steps + (1 if cfg.meet_scale > 0 else 0)
     return per_chain * (2 if coupled else 1)
+
+
+def extra_evals(cfg: Rejuvenation | None) -> tuple[int, int]:
+    """(at t = 1, per coupled iteration): the log_joint evaluations rejuvenation adds per lane.
+
+    At t = 1 X_0's kept particle is moved (one single move) and the moved particle evaluated once
+    more for the gradient (without rejuvenation X_1's kept values are X_0's, free).
+    """
+    if cfg is None:
+        return 0, 0
+    return evals_per_iteration(cfg, coupled=False) + 1, evals_per_iteration(cfg, coupled=True)

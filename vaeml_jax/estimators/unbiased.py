@@ -118,7 +118,10 @@ def make_unbiased_grad(
         reflection-maximal coupled random-walk step (posterior-invariant, so still unbiased), so
         that kept particles of high weight can meet without waiting for a shared fresh proposal.
         Costs ``2 (1 + num_steps + 1)`` more log_joint evaluations (with gradients in z) per
-        iteration and lane. Plain loop only (``num_slots=None``).
+        iteration and lane (counted in ``num_log_joint_evals``). Plain loop only
+        (``num_slots=None``). Measured on MNIST (benchmarks/RESULTS.md, variance_options.py):
+        with MALA steps it makes meeting much SLOWER there (posterior-typical kept particles
+        outweigh the fresh proposals); it helps on low-dimensional targets.
 
     Returns:
       ``unbiased_grad(params, x, key) -> (grads, info)`` for a batch x of shape (B, ...):
@@ -160,8 +163,7 @@ def make_unbiased_grad(
             "rejuvenation runs in the plain loop only: pass num_slots=None (the work queue does "
             "not move kept particles)."
         )
-    rej_single = _rejuvenation.evals_per_iteration(rejuvenation, coupled=False)
-    rej_coupled = _rejuvenation.evals_per_iteration(rejuvenation, coupled=True)
+    rej_init, rej_coupled = _rejuvenation.extra_evals(rejuvenation)
 
     def unbiased_grad(params, x, keys):
         if num_slots is not None:
@@ -309,7 +311,7 @@ def make_unbiased_grad(
         capped = ~final.met
         meeting_time = jnp.where(capped, final.t + 1, final.meeting_time)
         bound = jnp.mean(_common.log_mean_exp(lw_x0), axis=-1)
-        evals = B * C * (2 * S + rej_single + (S + 1 + rej_coupled) * final.iteration)
+        evals = B * C * (2 * S + rej_init + (S + 1 + rej_coupled) * final.iteration)
         info = _common.base_info(B, C, bound, evals, lw_x0)
         info.update(meeting_time=meeting_time, num_iters=final.t - 1, capped=capped)
         return final.grads, info
