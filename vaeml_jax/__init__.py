@@ -8,7 +8,7 @@ Example::
     grads, info = unbiased_grad(params, x, key)
 """
 
-from vaeml_jax import cis, coupling
+from vaeml_jax import cis, coupling, couplings
 from vaeml_jax.estimators import (
     make_elbo_grad,
     make_iwae_grad,
@@ -31,4 +31,5 @@ __all__ = [
     "sumo_log_likelihood",
     "cis",
     "coupling",
+    "couplings",
 ]
