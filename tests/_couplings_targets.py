@@ -32,7 +32,7 @@ EXACT = {"mean": jnp.zeros(2), "square": jnp.diag(COV), "cross": COV[0, 1]}
 RWM_SCALE = 0.8
 MEET_SCALE = 0.3  # the maximal-coupling RWM component of the MALA/HMC mixtures
 P_MAXIMAL = 0.1
-MALA_STEP = 0.6
+MALA_STEP = 0.8
 HMC_STEP, HMC_STEPS = 0.3, 4
 
 

@@ -52,9 +52,8 @@ def flat_scale(name: str, scale, position) -> jax.Array:
     d = flat_pos.shape[0]
     if not jax.tree.leaves(scale):
         raise ValueError(f"{name} is empty.")
-    if jax.tree.structure(scale) == jax.tree.structure(position) and not (
-        jax.tree.structure(position).num_leaves == 1 and jnp.ndim(scale) == 0
-    ):
+    pos_def = jax.tree.structure(position)
+    if not jax.tree_util.treedef_is_leaf(pos_def) and jax.tree.structure(scale) == pos_def:
         try:
             leaves = jax.tree.map(
                 lambda s, p: jnp.broadcast_to(jnp.asarray(s, p.dtype), jnp.shape(p)),
@@ -71,10 +70,9 @@ def flat_scale(name: str, scale, position) -> jax.Array:
         return jnp.full((d,), s)
     if s.shape == (d,):
         return s
-    if s.shape == jnp.shape(position) and not isinstance(position, dict | list | tuple):
+    if jax.tree_util.treedef_is_leaf(pos_def) and s.shape == jnp.shape(position):
         return s.reshape(-1)
     raise ValueError(
         f"{name} of shape {s.shape} does not match the position, which has {d} coordinates "
-        f"(structure {jax.tree.structure(position)}); give a scalar, a ({d},) vector or a pytree "
-        "like the position."
+        f"(structure {pos_def}); give a scalar, a ({d},) vector or a pytree like the position."
     )

@@ -93,9 +93,10 @@ def init(position: PyTree, logdensity_fn: Callable) -> State:
         outside ``jit``/``vmap`` (inside them the value is traced and cannot be inspected).
     """
     check_logdensity_fn(logdensity_fn)
+    out = jax.eval_shape(logdensity_fn, position)
+    if not hasattr(out, "shape") or out.shape != ():
+        raise TypeError(f"logdensity_fn must return a scalar, got {out}.")
     value, grad = jax.value_and_grad(logdensity_fn)(position)
-    if jnp.ndim(value) != 0:
-        raise TypeError(f"logdensity_fn must return a scalar, got shape {jnp.shape(value)}.")
     if not isinstance(value, jax.core.Tracer) and not np.isfinite(np.asarray(value)):
         raise ValueError(
             f"the initial log density is not finite (log pi = {float(value)}): start the chain "
