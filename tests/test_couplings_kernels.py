@@ -182,7 +182,8 @@ def test_meeting_time_tail_is_geometric(monkeypatch, d, bug):
     c, surv, tau, capped = conditional_survival(d, 2000 if bug is None else 200)
     print(
         f"d={d} bug={bug}: window c {c}, 99.9% {np.quantile(tau, 0.999):.0f}, "
-        f"conditional survival {[round(float(q), 3) for _, q, _ in surv]}, capped {capped.mean():.3f}"
+        f"conditional survival {[round(float(q), 3) for _, q, _ in surv]}, "
+        f"capped {capped.mean():.3f}"
     )
     ok = capped.sum() == 0 and len(surv) > 0 and all(q <= Q_MAX + 4 * se for _, q, se in surv)
     if bug is None:
