@@ -63,6 +63,7 @@ __all__ = [
     "coefficients",
     "build_estimator",
     "build_signed_measure",
+    "check_window",
     "evaluate_signed_measure",
     "run_pairs",
 ]
@@ -150,6 +151,11 @@ def _check_common(single_step, coupled_step, rinit, k, m, lag, max_iters):
     ):
         if not callable(fn):
             raise TypeError(f"{name} must be callable, got {type(fn).__name__}.")
+    return check_window(k, m, lag, max_iters)
+
+
+def check_window(k, m, lag, max_iters):
+    """Validate (k, m, lag, max_iters): ints, 0 <= k <= m, lag >= 1, max_iters >= max(m, 1)."""
     k = _checks.check_int("k", k, 0)
     m = _checks.check_int("m", m, 0)
     if k > m:

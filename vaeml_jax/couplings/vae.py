@@ -66,7 +66,7 @@ def build_vae_gradient(
     :class:`~vaeml_jax.couplings.debias.Estimate`. Argument checks happen here, at build time.
     """
     S = cis._check(model, num_particles)
-    debias._check_common(print, print, print, k, m, lag, max_iters)
+    debias.check_window(k, m, lag, max_iters)
 
     def grad_fn(params, x, key):
         estimate = debias.build_estimator(
