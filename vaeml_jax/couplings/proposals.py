@@ -10,7 +10,7 @@ M^{-1} is a diagonal inverse mass (preconditioner), a (d,) vector.
 
 from __future__ import annotations
 
-import jax  # noqa: F401  (types in docstrings)
+import jax
 import jax.numpy as jnp
 
 __all__ = ["langevin_mean", "langevin_scale", "langevin_log_density"]
