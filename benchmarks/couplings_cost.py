@@ -102,11 +102,13 @@ def main(argv=None):
     )
     print(
         f"fused   per call: {summarize(times['fused']).fmt(1e3)} ms, "
-        f"mean tau {np.mean(taus['fused']):.2f}"
+        f"tau mean {np.mean(taus['fused']):.2f} median {np.median(taus['fused']):.0f} "
+        f"max {np.max(taus['fused']):.0f}"
     )
     print(
         f"general per call: {summarize(times['general']).fmt(1e3)} ms, "
-        f"mean tau {np.mean(taus['general']):.2f}"
+        f"tau mean {np.mean(taus['general']):.2f} median {np.median(taus['general']):.0f} "
+        f"max {np.max(taus['general']):.0f}"
     )
     print(f"ratio general / fused (median [IQR] of per-round paired ratios): {ratio.fmt()}")
     return ratio
