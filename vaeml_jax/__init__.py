@@ -8,7 +8,7 @@ Example::
     grads, info = unbiased_grad(params, x, key)
 """
 
-from vaeml_jax import cis, coupling, diagnostics
+from vaeml_jax import cis, coupling, couplings, diagnostics
 from vaeml_jax.estimators import (
     Rejuvenation,
     make_elbo_grad,
@@ -34,4 +34,5 @@ __all__ = [
     "sumo_log_likelihood",
     "cis",
     "coupling",
+    "couplings",
 ]
