@@ -31,6 +31,9 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from vaeml_jax.couplings.maximal import reflection_maximal
+from vaeml_jax.couplings.proposals import langevin_log_density, langevin_mean, langevin_scale
+
 __all__ = ["Rejuvenation", "single_move", "coupled_move"]
 
 
@@ -79,12 +82,11 @@ def _value_and_grad(logdensity, z):
 
 
 def _mala_proposal_logpdf(z_to, z_from, grad_from, eps, scale):
-    mean = z_from + 0.5 * eps**2 * scale**2 * grad_from
-    return -0.5 * jnp.sum(((z_to - mean) / (eps * scale)) ** 2)
+    return langevin_log_density(z_to, z_from, grad_from, eps, scale**2)
 
 
 def _mala_step(logdensity, z, v, g, noise, log_u, eps, scale):
-    prop = z + 0.5 * eps**2 * scale**2 * g + eps * scale * noise
+    prop = langevin_mean(z, g, eps, scale**2) + langevin_scale(eps, scale**2) * noise
     vp, gp = _value_and_grad(logdensity, prop)
     log_ratio = (
         vp
@@ -114,23 +116,6 @@ def single_move(key, z, logdensity, scale, cfg: Rejuvenation):
     return z
 
 
-def reflection_maximal_noise(key, delta):
-    r"""(xi_x, xi_y) with xi_x ~ N(0, I), and xi_y = xi_x + delta (so the proposals coincide) with
-    probability min(1, phi(xi_x + delta) / phi(xi_x)), else the reflection of xi_x in the
-    hyperplane orthogonal to delta. xi_y ~ N(0, I) marginally.
-
-    Here the proposals are x' = x + c xi_x and y' = y + c xi_y with delta = (x - y) / c.
-    """
-    k_xi, k_u = jax.random.split(key)
-    xi = jax.random.normal(k_xi, delta.shape, delta.dtype)
-    log_ratio = -0.5 * jnp.sum((xi + delta) ** 2) + 0.5 * jnp.sum(xi**2)
-    same = jnp.log(jax.random.uniform(k_u, dtype=delta.dtype)) < log_ratio
-    norm = jnp.sqrt(jnp.sum(delta**2))
-    e = delta / jnp.where(norm > 0, norm, 1.0)
-    reflected = xi - 2.0 * jnp.sum(e * xi) * e
-    return xi, jnp.where(same, xi + delta, reflected)
-
-
 def coupled_move(key, zx, zy, logdensity, scale, cfg: Rejuvenation):
     """Coupled rejuvenation of the two kept particles (flat (d,) vectors); returns (zx', zy').
 
@@ -147,9 +132,7 @@ def coupled_move(key, zx, zy, logdensity, scale, cfg: Rejuvenation):
         zy, vy, gy = _mala_step(logdensity, zy, vy, gy, noise, log_u, cfg.step_size, scale)
     if cfg.meet_scale > 0:
         k_noise, k_u = jax.random.split(keys[-1])
-        c = cfg.meet_scale * scale
-        xi_x, xi_y = reflection_maximal_noise(k_noise, (zx - zy) / c)
-        px, py = zx + c * xi_x, zy + c * xi_y
+        px, py, _ = reflection_maximal(k_noise, zx, zy, cfg.meet_scale * scale)
         vpx, vpy = logdensity(px), logdensity(py)
         log_u = jnp.log(jax.random.uniform(k_u, dtype=zx.dtype))
         zx = jnp.where(jnp.isfinite(vpx) & (log_u < vpx - vx), px, zx)
