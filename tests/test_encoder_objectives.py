@@ -26,6 +26,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from _stats import REJECT_FACTOR, pass_threshold, toy, z_scores
 
@@ -145,6 +146,34 @@ def test_chi2_matches_closed_form_gradient_and_rejects_plant():
     plant = jax.tree.map(lambda a: -2.0 * a, iwae)
     zp = z_scores(plant, exact)
     assert np.abs(zp).max() > REJECT_FACTOR * threshold, np.abs(zp).max()
+
+
+def test_chi2_sgd_lowers_chi2_with_many_draws():
+    """Adam on "chi2" with S=100 draws lowers log(1 + chi^2(p(z|x) || q)) = log E_q[w^2] - 2 log p
+    (0.41 -> ~0.03 measured; with S=5 it diverges instead, see encoder_loss)."""
+    model, params, x = toy(quality=QUALITY)
+    est = vj.make_iwae_grad(model, 100, "chi2")
+    opt = optax.adam(1e-2)
+
+    def excess(p):
+        return float(
+            T.linear_gaussian_log_second_moment(p, x) - 2 * T.linear_gaussian_log_marginal(p, x)
+        )
+
+    @jax.jit
+    def run(p):
+        def step(carry, k):
+            p, st = carry
+            g, _ = est(p, x[None], k)
+            u, st = opt.update(g["encoder"], st)
+            return ({**p, "encoder": optax.apply_updates(p["encoder"], u)}, st), None
+
+        keys = jax.random.split(jax.random.key(0), 600)
+        (p, _), _ = jax.lax.scan(step, (p, opt.init(p["encoder"])), keys)
+        return p
+
+    before, after = excess(params), excess(run(params))
+    assert before > 0.3 and after < 0.1, (before, after)
 
 
 def test_chi2_surrogate_value_and_theta_refusal():
