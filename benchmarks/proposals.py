@@ -16,7 +16,11 @@ draws z_k ~ q(z|x) per image (log q from the forward pass, ``VAE.sample_with_log
 * ``ESS/K``: the importance-sampling effective sample size (sum w)^2 / (K sum w^2), averaged;
 * ``log p(x)``: the IS estimate log (1/K) sum_k w_k, averaged over the images (+- its SE over
   images);
-* ``s/step``: median wall seconds of a training step after compilation.
+* ``s/step``: median wall seconds of a training step after compilation;
+* meeting times of the unbiased estimator's coupled CIS chains on the same images
+  (``make_unbiased_grad``, S = ``--tau-particles``, ``--tau-chains`` chains per image,
+  ``max_iters`` = ``--max-iters``): mean, 99th percentile, max and the capped fraction. Each
+  configuration trains its own decoder too, so this compares (decoder, proposal) pairs.
 
 ``--dreg-variance S1,S2,..`` adds the encoder-gradient variance of ``"iwae"`` against
 ``"iwae_dreg"`` at initialisation (diag encoder, the first ``--batch`` training images binarized
@@ -66,6 +70,9 @@ def parse_args(argv=None):
     p.add_argument("--iaf-layers", type=int, default=2)
     p.add_argument("--iaf-hidden", default="100")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tau-particles", type=int, default=10)
+    p.add_argument("--tau-chains", type=int, default=4)
+    p.add_argument("--max-iters", type=int, default=1000)
     p.add_argument("--json", default=None)
     p.add_argument("--dreg-variance", default="", help="S values, e.g. 5,50 (empty: skip)")
     p.add_argument("--replicates", type=int, default=32)
@@ -76,6 +83,7 @@ def parse_args(argv=None):
         a.eval_examples, a.eval_samples = 5, 50
         a.hidden, a.latent, a.iaf_hidden = "32", 4, "16"
         a.replicates = 4
+        a.tau_chains, a.max_iters = 1, 50
     return a
 
 
@@ -103,6 +111,26 @@ def evaluate_proposal(vae, params, x_eval, key, num_samples: int) -> dict:
         "ess_frac": float(ess.mean()),
         "log_px": float(ll.mean()),
         "log_px_se": float(ll.std(ddof=1) / math.sqrt(len(ll))) if len(ll) > 1 else 0.0,
+    }
+
+
+def meeting_times(vae, params, x_eval, key, args) -> dict:
+    """Meeting times of the unbiased estimator (H_{0:0}) on x_eval: mean, p99, max, capped."""
+    est = vj.make_unbiased_grad(
+        vae.model,
+        args.tau_particles,
+        num_chains=args.tau_chains,
+        max_iters=args.max_iters,
+        encoder_objective=None,
+        num_slots=max(1, x_eval.shape[0] * args.tau_chains // 4),
+    )
+    _, info = jax.jit(est)(params, x_eval, key)
+    tau = np.asarray(info["meeting_time"]).ravel()
+    return {
+        "tau_mean": float(tau.mean()),
+        "tau_p99": float(np.percentile(tau, 99)),
+        "tau_max": int(tau.max()),
+        "capped_frac": float(np.asarray(info["capped"]).mean()),
     }
 
 
@@ -151,6 +179,8 @@ def run_config(encoder, objective, encoder_particles, args, train, x_eval, data_
         times.append(time.perf_counter() - t0)
         bounds.append(bound)
     res = evaluate_proposal(vae, params, x_eval, k_eval, args.eval_samples)
+    if math.isfinite(res["std_log_w"]):
+        res.update(meeting_times(vae, params, x_eval, jax.random.fold_in(k_eval, 1), args))
     first = {-(-i * args.steps // len(steps)) for i in range(len(steps))}  # compile steps
     steady = [t for i, t in enumerate(times) if i not in first] or times
     res.update(
@@ -207,8 +237,11 @@ def main(argv=None):
         f"images; eval: {args.eval_examples} test images x K={args.eval_samples} draws; "
         f"IAF {args.iaf_layers} steps, MADE hidden {args.iaf_hidden}. Total {total:.0f} s.\n"
     )
-    print("| encoder | objective | std log w | ESS/K | IS log p(x) (K) | s/step | train bound |")
-    print("|---|---|---|---|---|---|---|")
+    print(
+        "| encoder | objective | std log w | ESS/K | IS log p(x) (K) | s/step | train bound "
+        "| tau mean / p99 / max | capped |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         if not (r["finite"] and math.isfinite(r["std_log_w"])):
             print(f"| {r['encoder']} | {r['objective']} | diverged (non-finite log w) | | | "
@@ -217,7 +250,8 @@ def main(argv=None):
         print(
             f"| {r['encoder']} | {r['objective']} | {r['std_log_w']:.2f} | {r['ess_frac']:.3f} "
             f"| {r['log_px']:.2f} +- {r['log_px_se']:.2f} | {r['sec_per_step']:.4f} "
-            f"| {r['train_bound_last50']:.2f} |"
+            f"| {r['train_bound_last50']:.2f} | {r['tau_mean']:.2f} / {r['tau_p99']:.0f} / "
+            f"{r['tau_max']} | {r['capped_frac']:.4f} |"
         )
     var_rows = dreg_variance(args, train, data_mean) if args.dreg_variance else []
     if var_rows:
