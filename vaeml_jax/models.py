@@ -60,6 +60,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from vaeml_jax.encoders import FullCovGaussianMLP, IAFGaussianMLP
 from vaeml_jax.model import LatentVariableModel
 
 __all__ = [
@@ -85,6 +86,7 @@ ACTIVATIONS = {
     "gelu": jax.nn.gelu,
 }
 LIKELIHOODS = ("bernoulli", "gaussian")
+ENCODERS = ("diag", "full_cov", "iaf")
 DTYPES = ("float32", "float64")
 MEAN_CLIP = 1e-3
 _HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
@@ -151,6 +153,13 @@ class VAEConfig:
       min_scale: floor added to the Gaussian decoder's standard deviation.
       dtype: parameter dtype, ``"float32"`` or ``"float64"`` (the latter needs
         ``jax.config.update("jax_enable_x64", True)``).
+      encoder: the proposal family q(z|x) (one stochastic layer only; see
+        :mod:`vaeml_jax.encoders`): ``"diag"`` (default, the paper's diagonal Gaussian),
+        ``"full_cov"`` (Gaussian with a full lower-triangular Cholesky factor from the encoder
+        MLP) or ``"iaf"`` (a diagonal Gaussian followed by ``iaf_layers`` inverse autoregressive
+        flow steps; NOTE ``log_proposal`` then costs latent_dim MADE passes per step).
+      iaf_layers: number T >= 1 of IAF steps (``encoder="iaf"`` only).
+      iaf_hidden: hidden widths of each step's MADE (``encoder="iaf"`` only).
     """
 
     data_dim: int = 784
@@ -163,6 +172,9 @@ class VAEConfig:
     activation: str = "tanh"
     min_scale: float = 1e-3
     dtype: str = "float32"
+    encoder: str = "diag"
+    iaf_layers: int = 2
+    iaf_hidden: tuple[int, ...] = (100, 100)
 
     def __post_init__(self):
         _check_pos_int("data_dim", self.data_dim)
@@ -182,6 +194,17 @@ class VAEConfig:
             )
         if self.dtype not in DTYPES:
             raise ValueError(f"unknown dtype {self.dtype!r}; choose one of: {', '.join(DTYPES)}.")
+        if self.encoder not in ENCODERS:
+            raise ValueError(
+                f"unknown encoder {self.encoder!r}; choose one of: {', '.join(ENCODERS)}."
+            )
+        _check_pos_int("iaf_layers", self.iaf_layers)
+        object.__setattr__(self, "iaf_hidden", _check_widths("iaf_hidden", self.iaf_hidden, False))
+        if self.two_layer and self.encoder != "diag":
+            raise ValueError(
+                f"encoder={self.encoder!r} is for one stochastic layer; with two_layer=True use "
+                'encoder="diag".'
+            )
         ms = self.min_scale
         bad = isinstance(ms, bool) or not isinstance(ms, (int, float))
         if bad or not 0 <= ms < math.inf:
@@ -268,7 +291,25 @@ class GaussianDecoderMLP(nnx.Module):
 class _Encoder(nnx.Module):
     def __init__(self, c: VAEConfig, *, rngs, dtype):
         lat1 = c.latent1_dim if c.two_layer else c.latent_dim
-        self.q_z1 = GaussianMLP(c.data_dim, c.hidden, lat1, c.activation, rngs=rngs, dtype=dtype)
+        if c.encoder == "diag":
+            self.q_z1 = GaussianMLP(
+                c.data_dim, c.hidden, lat1, c.activation, rngs=rngs, dtype=dtype
+            )
+        else:
+            trunk = MLP(c.data_dim, c.hidden, c.activation, rngs=rngs, dtype=dtype)
+            if c.encoder == "full_cov":
+                self.q_z1 = FullCovGaussianMLP(trunk, c.hidden[-1], lat1, rngs=rngs, dtype=dtype)
+            else:
+                self.q_z1 = IAFGaussianMLP(
+                    trunk,
+                    c.hidden[-1],
+                    lat1,
+                    c.iaf_layers,
+                    c.iaf_hidden,
+                    ACTIVATIONS[c.activation],
+                    rngs=rngs,
+                    dtype=dtype,
+                )
         if c.two_layer:
             self.q_z2 = GaussianMLP(
                 c.latent1_dim, c.hidden2, c.latent_dim, c.activation, rngs=rngs, dtype=dtype
@@ -412,6 +453,8 @@ class VAE:
         """log q(z|x) for one example x and one flat latent z."""
         self._check_one("log_proposal", x, z)
         enc = self._encoder(params)
+        if self.config.encoder != "diag":
+            return enc.q_z1.log_prob(x, z)
         z1, z2 = self._split(z)
         lq = gaussian_log_prob(z1, *enc.q_z1(x))
         if z2 is not None:
@@ -421,6 +464,8 @@ class VAE:
     def sample_proposal(self, params: Params, x: Array, key: Array, num: int) -> Array:
         """``num`` reparameterised draws z ~ q(z|x) for one example x: shape (num, latent_dim)."""
         self._check_one("sample_proposal", x)
+        if self.config.encoder != "diag":
+            return self.sample_with_log_proposal(params, x, key, num)[0]
         enc = self._encoder(params)
         k1, k2 = jax.random.split(key)
         loc, log_scale = enc.q_z1(x)
@@ -432,10 +477,38 @@ class VAE:
         z2 = loc2 + jnp.exp(log_scale2) * jax.random.normal(k2, loc2.shape, loc2.dtype)
         return jnp.concatenate([z1, z2], axis=-1)
 
+    def sample_with_log_proposal(
+        self, params: Params, x: Array, key: Array, num: int
+    ) -> tuple[Array, Array]:
+        """``num`` reparameterised draws and their log q(z|x) from the FORWARD pass.
+
+        Returns (z (num, latent_dim), log q (num,)). For the IAF this avoids the d-pass inverse
+        that :meth:`log_proposal` needs; the draws equal ``sample_proposal(params, x, key, num)``.
+        """
+        self._check_one("sample_with_log_proposal", x)
+        enc = self._encoder(params)
+        if self.config.encoder == "diag":
+            z = self.sample_proposal(params, x, key, num)
+            lq = jax.vmap(lambda zz: self.log_proposal(params, x, zz))(z)
+            return z, lq
+        k1, _ = jax.random.split(key)  # the diagonal encoder's first key, for the same eps
+        eps = jax.random.normal(k1, (num, self.latent_dim), self._dtype)
+        return enc.q_z1.sample(x, eps)
+
     # -- conveniences ------------------------------------------------------------------------------
     def encode(self, params: Params, x: Array) -> tuple[Array, Array]:
-        """(mu, log sigma) of q(z1|x), each (..., latent1): the first stochastic layer's encoder."""
-        return self._encoder(params).q_z1(x)
+        """(mu, log sigma) of q(z1|x), each (..., latent1): the first stochastic layer's encoder.
+
+        For ``encoder="full_cov"`` log sigma is the log of the Cholesky factor's diagonal; for
+        ``"iaf"`` (mu, log sigma) are the base Gaussian's, before the flow.
+        """
+        q = self._encoder(params).q_z1
+        if self.config.encoder == "full_cov":
+            loc, L = q(x)
+            return loc, jnp.log(jnp.diagonal(L, axis1=-2, axis2=-1))
+        if self.config.encoder == "iaf":
+            return q.base(x)[:2]
+        return q(x)
 
     def decode(self, params: Params, z: Array) -> Array:
         """Mean of p(x|z) for latents (..., latent_dim): probabilities (Bernoulli) or mu(z).

@@ -12,9 +12,12 @@ import jax.numpy as jnp
 from jax.scipy.special import logsumexp
 
 from vaeml_jax import diagnostics
+from vaeml_jax.cis import normalized_weights
 from vaeml_jax.model import LatentVariableModel, check_batch
 
-ENCODER_OBJECTIVES = ("elbo", "iwae", "inclusive_kl")
+ENCODER_OBJECTIVES = ("elbo", "iwae", "inclusive_kl", "iwae_dreg", "chi2")
+# Objectives computed by :func:`encoder_loss` on reparameterised draws z = g_phi(eps).
+REPARAM_OBJECTIVES = ("elbo", "iwae", "iwae_dreg", "chi2")
 
 
 def check_int(name: str, value, minimum: int, why: str = "") -> int:
@@ -44,6 +47,30 @@ def check_encoder_objective(encoder_objective):
             f"got {encoder_objective!r}."
         )
     return encoder_objective
+
+
+def check_encoder_particles(encoder_particles, encoder_objective, num_particles: int):
+    """Resolve ``encoder_particles`` -> (K, own_draws).
+
+    None (default) means K = S (the estimator's particle count) and the encoder objective reuses
+    the estimator's first S draws (same keys: no extra draws). Any other K draws its own K
+    particles from independent keys (:func:`encoder_keys`), unless K == S. Only the
+    reparameterised objectives (:data:`REPARAM_OBJECTIVES`) have a particle count of their own.
+    """
+    if encoder_particles is None:
+        return num_particles, False
+    K = check_int("encoder_particles", encoder_particles, 1)
+    if encoder_objective not in REPARAM_OBJECTIVES:
+        raise ValueError(
+            f"encoder_particles applies to the reparameterised encoder objectives "
+            f"{REPARAM_OBJECTIVES}; with encoder_objective={encoder_objective!r} leave it None."
+        )
+    return K, K != num_particles
+
+
+def encoder_keys(keys: jax.Array) -> jax.Array:
+    """Per-lane keys (B, C) for an encoder objective's own draws, independent of ``keys``' uses."""
+    return jax.vmap(jax.vmap(lambda k: jax.random.fold_in(k, 0x5EED)))(keys)
 
 
 def as_key(key) -> jax.Array:
@@ -100,27 +127,70 @@ def log_mean_exp(lw, axis=-1):
 def encoder_loss(
     model: LatentVariableModel, params, x, keys, num: int, objective: str, freeze_theta: bool = True
 ):
-    r"""Reparameterised bound loss, mean over lanes; by default log_joint's parameters held fixed.
+    r"""Reparameterised encoder loss, mean over lanes; by default log_joint's parameters fixed.
 
-    ``"elbo"``: -mean_s log w_s; ``"iwae"``: -log (1/S) sum_s w_s, with z_s = g_phi(eps_s) and
-    log w_s = log p_{sg(theta)}(x, z_s) - log q_phi(z_s | x). With ``freeze_theta=False`` theta is
-    not frozen: the textbook VAE / IWAE loss whose one backward pass gives theta and phi together.
-    Returns ``(loss, log_w)`` with log_w of shape (B, C, num).
+    With z_s = g_phi(eps_s), s = 1..S (S = ``num``) and
+    log w_s = log p_{sg(theta)}(x, z_s) - log q_phi(z_s | x):
+
+    * ``"elbo"``: -mean_s log w_s.
+    * ``"iwae"``: -log (1/S) sum_s w_s.
+    * ``"iwae_dreg"``: the doubly-reparameterised IWAE surrogate (Tucker, Lawson, Gu & Maddison,
+      "Doubly Reparameterized Gradient Estimators for Monte Carlo Objectives", ICLR 2019, eq. 5)
+
+      .. math:: -\sum_s \mathrm{sg}(\bar w_s^2)\, \log \tilde w_s, \qquad
+                \log \tilde w_s = \log p(x, z_s) - \log q_{\mathrm{sg}(\phi)}(z_s | x),
+
+      whose phi-gradient is -\sum_s \bar w_s^2 (\partial \log w_s / \partial z_s)
+      (\partial z_s / \partial \phi): the score term of q's parameters is cut (log q is
+      evaluated with stop-gradient params at the differentiable z_s). Its expectation equals the
+      IWAE phi-gradient's, and its variance stays bounded as S grows (the IWAE one's
+      signal-to-noise ratio decays like S^{-1/2}, Rainforth et al. 2018). Its value is not the
+      bound: use it for gradients only.
+    * ``"chi2"``: the chi^2 upper bound (CUBO, n = 2; Dieng, Tran, Ranganath, Paisley & Blei,
+      "Variational Inference via chi Upper Bound Minimization", NeurIPS 2017), MINIMISED:
+
+      .. math:: L = \log \frac1S \sum_s w_s^2 \approx \log E_q[w^2]
+                = 2 \log p(x) + \log(1 + \chi^2(p(z|x) \| q)),
+
+      i.e. the variance of the importance weights (Var_q[w / p(x)] = chi^2), the quantity that
+      drives CIS mixing and meeting. Its gradient is the self-normalised sum_s v_s 2 grad log w_s
+      with v = softmax(2 log w): consistent for grad log E_q[w^2] (bias O(1/S), as IWAE's is for
+      grad log p) but of HIGH variance: w^2 is heavier-tailed than w, so one draw with a large
+      weight dominates (E_q[w^4] may be infinite when q is narrower than the posterior, where the
+      estimator's variance is then infinite). With few draws the bias is systematic, towards a
+      NARROW q: the self-normalised weights v put almost all mass on the best draw, and the MC
+      estimate never sees the region q misses. Measured: SGD on the linear-Gaussian model
+      (Adam 1e-2) with S = 100 lowers log(1 + chi^2) from 0.41 to 0.03, with S = 5 it drives q
+      to an infinite chi^2 (NaN); on a small MNIST VAE (IWAE-5 decoder, Adam 1e-3) the encoder
+      diverged within 20 steps at S = 5, at K = 100 draws (``encoder_particles``) and after a
+      150-step IWAE warm start (``benchmarks/proposals.py``). Use it with large S only.
+
+    With ``freeze_theta=False`` theta is not frozen (``"elbo"``/``"iwae"`` only): the textbook
+    VAE / IWAE loss whose one backward pass gives theta and phi together.
+    Returns ``(loss, log_w)`` with log_w of shape (B, C, num), the log weights of the draws.
     """
+    if not freeze_theta and objective not in ("elbo", "iwae"):
+        raise ValueError(f"encoder objective {objective!r} is defined with theta frozen only.")
     z = sample_lanes(model, params, x, keys, num)
     frozen = jax.lax.stop_gradient(params) if freeze_theta else params
     lj = jax.vmap(
         jax.vmap(jax.vmap(lambda xi, zz: model.log_joint(frozen, xi, zz), (None, 0)), (None, 0))
     )(x, z)
-    _, lq = eval_lanes(model, params, x, z)
+    # DReG: log q at the differentiable z with the proposal's parameters stopped.
+    _, lq = eval_lanes(model, params, x, z, proposal_grad=objective != "iwae_dreg")
     lw = safe_log_weights(lj, lq)
     if objective == "elbo":
-        per_lane = jnp.mean(lw, axis=-1)
+        loss = -jnp.mean(lw, axis=-1)
     elif objective == "iwae":
-        per_lane = log_mean_exp(lw)
+        loss = -log_mean_exp(lw)
+    elif objective == "iwae_dreg":
+        wbar = jax.lax.stop_gradient(normalized_weights(lw))
+        loss = -jnp.sum(jnp.square(wbar) * lw, axis=-1)
+    elif objective == "chi2":
+        loss = log_mean_exp(2.0 * lw)
     else:  # pragma: no cover - guarded by check_encoder_objective
         raise ValueError(objective)
-    return -jnp.mean(per_lane), lw
+    return jnp.mean(loss), lw
 
 
 def encoder_loss_joint(model: LatentVariableModel, params, x, keys, num: int, objective: str):

@@ -65,6 +65,7 @@ def scheduled_estimate(
     encoder_objective,
     coefficients_fn,
     atom_coefficients_fn,
+    encoder_particles=None,
 ):
     """H_{k:m} for a batch with a P-slot work queue. Same inputs/outputs as the plain loop."""
     B = x.shape[0]
@@ -79,8 +80,12 @@ def scheduled_estimate(
         zx = jax.lax.stop_gradient(_common.sample_lanes(model, p, x, key_x0.reshape(B, C), S))
         lj, lq = _common.eval_lanes(model, p, x, zx, inclusive)
         enc = jnp.zeros((), lj.dtype)
-        if reparam_objective:
-            enc, _ = _common.encoder_loss(model, p, x, key_x0.reshape(B, C), S, encoder_objective)
+        if reparam_objective:  # X_0's draws, or K of its own (encoder_particles=K)
+            enc_keys = key_x0.reshape(B, C)
+            if encoder_particles is not None:
+                enc_keys = _common.encoder_keys(enc_keys)
+            num = S if encoder_particles is None else encoder_particles
+            enc, _ = _common.encoder_loss(model, p, x, enc_keys, num, encoder_objective)
         return (lj, lq, enc), zx
 
     (lj0, lq0, _), init_vjp, zx = jax.vjp(init_fn, params, has_aux=True)
@@ -201,7 +206,7 @@ def scheduled_estimate(
         grads=grads0,
     )
     final = jax.lax.while_loop(cond, body, carry)
-    evals = L * S + P * (S + 1) * final.iteration
+    evals = L * S + P * (S + 1) * final.iteration + L * (encoder_particles or 0)
     info = _common.base_info(B, C, bound, evals, lw_x0)
     info.update(
         meeting_time=final.meeting_time.reshape(B, C),

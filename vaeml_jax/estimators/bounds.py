@@ -22,8 +22,12 @@ from vaeml_jax.model import LatentVariableModel, check_model
 __all__ = ["make_iwae_grad", "make_elbo_grad"]
 
 
-def _make_bound_grad(model, num_particles: int, encoder_objective, bound: str):
-    fused = encoder_objective == bound  # the textbook estimator: one surrogate, one backward pass
+def _make_bound_grad(model, num_particles: int, encoder_objective, bound: str, encoder_particles):
+    K, own_draws = _common.check_encoder_particles(
+        encoder_particles, encoder_objective, num_particles
+    )
+    # the textbook estimator: one surrogate, one backward pass
+    fused = encoder_objective == bound and not own_draws
 
     def grad_fn(params, x, keys):
         batch = x.shape[0]
@@ -44,21 +48,26 @@ def _make_bound_grad(model, num_particles: int, encoder_objective, bound: str):
             if encoder_objective == "inclusive_kl":
                 loss = loss - jnp.sum(coef * lq) / batch
             elif encoder_objective is not None:
-                enc, _ = _common.encoder_loss(model, p, x, keys, num_particles, encoder_objective)
+                enc_keys = _common.encoder_keys(keys) if own_draws else keys
+                enc, _ = _common.encoder_loss(model, p, x, enc_keys, K, encoder_objective)
                 loss = loss + enc
             return loss, lw
 
         grads, lw = jax.grad(loss_fn, has_aux=True)(params)
         lw = jax.lax.stop_gradient(lw)
         per_example = _common.log_mean_exp(lw) if bound == "iwae" else jnp.mean(lw, axis=-1)
-        info = _common.base_info(batch, 1, per_example[:, 0], batch * num_particles, lw)
+        evals = batch * (num_particles + (K if own_draws else 0))
+        info = _common.base_info(batch, 1, per_example[:, 0], evals, lw)
         return grads, info
 
     return _common.GradientEstimator(bound, 1, grad_fn, model)
 
 
 def make_iwae_grad(
-    model: LatentVariableModel, num_particles: int = 10, encoder_objective: str | None = "iwae"
+    model: LatentVariableModel,
+    num_particles: int = 10,
+    encoder_objective: str | None = "iwae",
+    encoder_particles: int | None = None,
 ):
     r"""IWAE gradient estimator (Burda, Grosse & Salakhutdinov, 2016).
 
@@ -69,23 +78,33 @@ def make_iwae_grad(
       model: a :class:`LatentVariableModel`.
       num_particles: S >= 1 importance samples per example.
       encoder_objective: ``"iwae"`` (default, the bound itself by reparameterisation; then theta
-        and phi come from a single backward pass), ``"elbo"``, ``"inclusive_kl"`` (the
-        reweighted-wake-sleep update -\sum_s \bar w_s \nabla_\phi \log q(z_s|x), self-normalised
-        and hence biased) or None.
+        and phi come from a single backward pass), ``"elbo"``, ``"iwae_dreg"`` (the IWAE bound's
+        doubly-reparameterised gradient: same expectation, lower variance),
+        ``"chi2"`` (minimise the chi^2 upper bound log E_q[w^2]: the importance weights'
+        variance), ``"inclusive_kl"`` (the reweighted-wake-sleep update
+        -\sum_s \bar w_s \nabla_\phi \log q(z_s|x), self-normalised and hence biased) or None.
+        See :func:`vaeml_jax.estimators._common.encoder_loss`.
+      encoder_particles: K >= 1 particles of the reparameterised encoder objective. None
+        (default): K = S on the estimator's own draws. Another K draws K fresh particles per
+        example (independent keys), counted in ``num_log_joint_evals``.
 
     Returns:
       ``grad_fn(params, x, key) -> (grads, info)`` with x of shape (B, ...). ``info``: per example
       ``bound`` (B,) the IWAE-S bound of the draw, ``meeting_time``/``num_iters``/``capped`` (B, 1)
-      zeros (no chains), and ``num_log_joint_evals`` = B*S.
+      zeros (no chains), and ``num_log_joint_evals`` = B*S (+ B*K for an encoder objective with
+      its own K draws).
     """
     check_model(model)
     num_particles = _common.check_num_particles(num_particles, cis_based=False)
     _common.check_encoder_objective(encoder_objective)
-    return _make_bound_grad(model, num_particles, encoder_objective, "iwae")
+    return _make_bound_grad(model, num_particles, encoder_objective, "iwae", encoder_particles)
 
 
 def make_elbo_grad(
-    model: LatentVariableModel, encoder_objective: str | None = "elbo", num_samples: int = 1
+    model: LatentVariableModel,
+    encoder_objective: str | None = "elbo",
+    num_samples: int = 1,
+    encoder_particles: int | None = None,
 ):
     r"""Standard VAE gradient (Kingma & Welling, 2014): the ELBO by reparameterisation.
 
@@ -95,8 +114,9 @@ def make_elbo_grad(
     Args:
       model: a :class:`LatentVariableModel`.
       encoder_objective: ``"elbo"`` (default, the standard VAE: one backward pass), ``"iwae"``,
-        ``"inclusive_kl"`` or None.
+        ``"iwae_dreg"``, ``"chi2"``, ``"inclusive_kl"`` or None (see :func:`make_iwae_grad`).
       num_samples: Monte-Carlo samples of z per example (default 1).
+      encoder_particles: as in :func:`make_iwae_grad` (None: the same num_samples draws).
 
     Returns:
       ``grad_fn(params, x, key) -> (grads, info)``; ``info["bound"]`` is the per-example ELBO
@@ -105,4 +125,4 @@ def make_elbo_grad(
     check_model(model)
     num_samples = _common.check_int("num_samples", num_samples, 1)
     _common.check_encoder_objective(encoder_objective)
-    return _make_bound_grad(model, num_samples, encoder_objective, "elbo")
+    return _make_bound_grad(model, num_samples, encoder_objective, "elbo", encoder_particles)

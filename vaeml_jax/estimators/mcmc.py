@@ -26,6 +26,7 @@ def make_mcmc_grad(
     num_steps: int = 5,
     burn_in: int = 0,
     encoder_objective: str | None = "iwae",
+    encoder_particles: int | None = None,
 ):
     r"""Average of the IWAE theta-gradient h along one CIS chain per example (biased).
 
@@ -34,8 +35,11 @@ def make_mcmc_grad(
       num_particles: S >= 2.
       num_steps: T >= 0 CIS transitions after X_0.
       burn_in: 0 <= b <= T; h is averaged over t = b, ..., T (b = 0 includes X_0, the IWAE draw).
-      encoder_objective: ``"iwae"``/``"elbo"`` (reparameterised, on X_0), ``"inclusive_kl"``
+      encoder_objective: ``"iwae"``/``"elbo"``/``"iwae_dreg"``/``"chi2"`` (reparameterised,
+        on X_0; see :func:`vaeml_jax.estimators._common.encoder_loss`), ``"inclusive_kl"``
         (the same chain average applied to \nabla_\phi \log q: biased RWS-like) or None.
+      encoder_particles: as in :func:`vaeml_jax.make_unbiased_grad` (None: X_0's S draws;
+        another K: K draws of its own, + B K evaluations).
 
     Returns:
       ``grad_fn(params, x, key) -> (grads, info)`` as :func:`make_unbiased_grad`: ``grads`` is the
@@ -50,8 +54,9 @@ def make_mcmc_grad(
     if b > T:
         raise ValueError(f"burn_in must be <= num_steps, got burn_in={b} > num_steps={T}.")
     _common.check_encoder_objective(encoder_objective)
+    K, own_draws = _common.check_encoder_particles(encoder_particles, encoder_objective, S)
     inclusive = encoder_objective == "inclusive_kl"
-    reparam_objective = encoder_objective in ("elbo", "iwae")
+    reparam_objective = encoder_objective in _common.REPARAM_OBJECTIVES
     n = T - b + 1
     burn_only = max(b, 1) - 1  # transitions before the first averaged state (t = 1 .. b-1)
 
@@ -66,7 +71,8 @@ def make_mcmc_grad(
             lj, lq = _common.eval_lanes(model, p, x, z, inclusive)
             enc = jnp.zeros((), lj.dtype)
             if reparam_objective:
-                enc, _ = _common.encoder_loss(model, p, x, key_x0, S, encoder_objective)
+                enc_keys = _common.encoder_keys(key_x0) if own_draws else key_x0
+                enc, _ = _common.encoder_loss(model, p, x, enc_keys, K, encoder_objective)
             return (lj, lq, enc), z
 
         (lj, lq, _), init_vjp, z = jax.vjp(init_fn, params, has_aux=True)
@@ -117,6 +123,7 @@ def make_mcmc_grad(
             )
         bound = _common.log_mean_exp(lw0)[:, 0]
         evals = B * (S + (S - 1) * burn_only + S * max(T - first_avg + 1, 0))
+        evals += B * K if own_draws else 0
         info = _common.base_info(B, 1, bound, evals, lw0)
         info["num_iters"] = jnp.full((B, 1), T, jnp.int32)
         return grads, info

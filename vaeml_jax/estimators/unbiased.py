@@ -80,6 +80,7 @@ def make_unbiased_grad(
     encoder_objective: str | None = "iwae",
     num_slots: int | None = None,
     rejuvenation: Rejuvenation | None = None,
+    encoder_particles: int | None = None,
 ):
     r"""Build the unbiased estimator of the log-likelihood gradient.
 
@@ -107,7 +108,16 @@ def make_unbiased_grad(
         of -208 nats; ``"inclusive_kl"`` 8.5/1002 with 0.1% of lanes capped at 1000 and -227
         nats. It also reuses X_0's draws, so it costs no extra ``log_joint`` evaluation. Over 3
         epochs (10,000 images, S=5; ``benchmarks/RESULTS.md``, variance.py) ``"inclusive_kl"``
-        doubled the mean meeting time and the model degraded every epoch.
+        doubled the mean meeting time and the model degraded every epoch. Also
+        ``"iwae_dreg"`` (the IWAE bound's doubly-reparameterised gradient: same expectation as
+        ``"iwae"``, lower variance for large S) and ``"chi2"`` (minimises log E_q[w^2], the
+        importance weights' variance, which drives CIS meeting; high-variance gradient); see
+        :func:`vaeml_jax.estimators._common.encoder_loss`.
+      encoder_particles: K >= 1 particles of a reparameterised encoder objective. None (default)
+        uses X_0's S draws (same keys: no extra draws). Another K (e.g. K = 64 for
+        ``"iwae_dreg"`` while the chains use S = 10) draws K particles of its own from
+        independent keys: B*C*K extra ``log_joint`` evaluations, counted in
+        ``num_log_joint_evals``.
       num_slots: None (default) advances all B*C lanes together until the slowest has met: the
         fewest sequential iterations, best on accelerators. An int P runs a work queue of P slots
         refilled as lanes finish (:mod:`vaeml_jax.estimators._scheduled`): the work then follows
@@ -132,7 +142,8 @@ def make_unbiased_grad(
       * ``info``: ``meeting_time`` (B, C) int, tau per example and chain (for capped lanes a lower
         bound, the last t + 1); ``num_iters`` (B, C) coupled iterations, each advancing both chains
         once; ``capped`` (B, C) bool; ``num_log_joint_evals`` () int, evaluations executed for the
-        batch, masked lanes included (B C (2S + (S+1) * loop iterations)); ``bound`` (B,) the
+        batch, masked lanes included (B C (2S + (S+1) * loop iterations), + B C K for an
+        encoder objective with its own K draws); ``bound`` (B,) the
         IWAE-S bound log (1/S) sum_s w_s of X_0 (averaged over chains) for monitoring.
 
     The function is pure: it works under ``jax.jit``, ``jax.vmap`` and inside ``jax.grad`` of
@@ -152,8 +163,9 @@ def make_unbiased_grad(
         " (it must at least reach m, else the MCMC average is truncated)",
     )
     _common.check_encoder_objective(encoder_objective)
+    K, own_draws = _common.check_encoder_particles(encoder_particles, encoder_objective, S)
     inclusive = encoder_objective == "inclusive_kl"
-    reparam_objective = encoder_objective in ("elbo", "iwae")
+    reparam_objective = encoder_objective in _common.REPARAM_OBJECTIVES
 
     if num_slots is not None:
         num_slots = _common.check_int("num_slots", num_slots, 1)
@@ -183,6 +195,7 @@ def make_unbiased_grad(
                 encoder_objective=encoder_objective,
                 coefficients_fn=jacob_coefficients,
                 atom_coefficients_fn=_atom_coefficients,
+                encoder_particles=K if own_draws else None,
             )
         B = x.shape[0]
         scale = -1.0 / (B * C)  # loss = -(1/B) sum_i mean_c H_{k:m}
@@ -200,8 +213,10 @@ def make_unbiased_grad(
             z = jnp.concatenate([zx, zy], axis=2)
             lj, lq = _common.eval_lanes(model, p, x, z, inclusive)
             enc = jnp.zeros((), lj.dtype)
-            if reparam_objective:  # the same draws X_0 (same keys), now differentiable in phi
-                enc, _ = _common.encoder_loss(model, p, x, key_x0, S, encoder_objective)
+            if reparam_objective:  # the same draws X_0 (same keys), now differentiable in phi,
+                # or K draws of its own
+                enc_keys = _common.encoder_keys(key_x0) if own_draws else key_x0
+                enc, _ = _common.encoder_loss(model, p, x, enc_keys, K, encoder_objective)
             return (lj, lq, enc), z
 
         (lj0, lq0, _), init_vjp, z0 = jax.vjp(init_fn, params, has_aux=True)
@@ -311,7 +326,11 @@ def make_unbiased_grad(
         capped = ~final.met
         meeting_time = jnp.where(capped, final.t + 1, final.meeting_time)
         bound = jnp.mean(_common.log_mean_exp(lw_x0), axis=-1)
-        evals = B * C * (2 * S + rej_init + (S + 1 + rej_coupled) * final.iteration)
+        evals = (
+            B
+            * C
+            * (2 * S + rej_init + (S + 1 + rej_coupled) * final.iteration + (K if own_draws else 0))
+        )
         info = _common.base_info(B, C, bound, evals, lw_x0)
         info.update(meeting_time=meeting_time, num_iters=final.t - 1, capped=capped)
         return final.grads, info
