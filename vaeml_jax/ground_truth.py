@@ -54,6 +54,7 @@ __all__ = [
     "ppca",
     "ppca_init",
     "ppca_sample",
+    "ppca_posterior_mean_map",
     "ppca_log_likelihood",
     "ppca_ml_fit",
     "ppca_identifiable",
@@ -192,7 +193,8 @@ def ppca_init(
     proposal: str = "prior",
 ) -> Params:
     """Parameters of :func:`ppca`: W ~ weight_scale * N(0, 1), b ~ N(0, 1), s = noise_std; the
-    encoder (``"fixed_encoder"``) at zero, i.e. starting as the prior's mean."""
+    encoder (``"fixed_encoder"``) at the exact posterior mean map of that decoder,
+    A = (I + W^T W / s^2)^{-1} W^T / s^2, c = -A b (its variance sigma0^2 stays wrong)."""
     kw, kb = jax.random.split(key)
     dec = {
         "W": weight_scale * jax.random.normal(kw, (data_dim, latent_dim)),
@@ -201,8 +203,16 @@ def ppca_init(
     }
     enc = {}
     if proposal == "fixed_encoder":
-        enc = {"A": jnp.zeros((latent_dim, data_dim)), "c": jnp.zeros((latent_dim,))}
+        A = ppca_posterior_mean_map(dec)
+        enc = {"A": A, "c": -A @ dec["b"]}
     return {"decoder": dec, "encoder": enc}
+
+
+def ppca_posterior_mean_map(decoder: Params) -> Array:
+    r"""A (d, D) with E[z | x] = A (x - b): A = (I_d + W^\top W / s^2)^{-1} W^\top / s^2."""
+    W, s2 = decoder["W"], jnp.exp(2 * decoder["log_s"])
+    precision = jnp.eye(W.shape[1], dtype=W.dtype) + W.T @ W / s2
+    return jnp.linalg.solve(precision, W.T / s2)
 
 
 def ppca_sample(key: Array, params: Params, num: int) -> Array:
