@@ -179,32 +179,32 @@ def test_quadrature_matches_importance_sampling(data_dir):
             params["decoder"]
         )
 
+    @jax.jit
+    def draws(xi, key):
+        """(K,) log weights and the (KG, P) decoder gradients of log p(x, z_k) on the first KG."""
+        mean, cov = _posterior_proposal(params, xi, grid)
+        cov = 1.5**2 * cov
+        z = jax.random.multivariate_normal(key, mean, cov, (K,))
+        log_r = jax.scipy.stats.multivariate_normal.logpdf(z, mean, cov)
+        lw = jax.vmap(gt.model.log_joint, (None, None, 0))(params, xi, z) - log_r
+        dec_grad = jax.grad(lambda d, zz: gt.model.log_joint({"decoder": d}, xi, zz))
+        g = jax.vmap(dec_grad, (None, 0))(params["decoder"], z[:KG])
+        g = jnp.concatenate([a.reshape(KG, -1) for a in jax.tree.leaves(g)], 1)
+        exact = jax.grad(lambda d: G.grid_vae_log_likelihood({"decoder": d}, xi[None], grid)[0])(
+            params["decoder"]
+        )
+        return lw, g, jnp.concatenate([a.ravel() for a in jax.tree.leaves(exact)])
+
     zs_ll, zs_grad = [], []
     for i, xi in enumerate(x):
-        mean, cov = _posterior_proposal(params, xi, grid)
-        chol = jnp.linalg.cholesky(1.5**2 * cov)
-        eps = jax.random.normal(jax.random.key(100 + i), (K, 2))
-        z = mean + eps @ chol.T
-        log_r = jax.scipy.stats.multivariate_normal.logpdf(z, mean, 1.5**2 * cov)
-        lj = jax.vmap(gt.model.log_joint, (None, None, 0))(params, xi, z)
-        lw = np.asarray(lj - log_r, np.float64)
+        lw, g, exact = (np.asarray(a, np.float64) for a in draws(xi, jax.random.key(100 + i)))
         w = np.exp(lw - lw.max())
         ll_is = lw.max() + np.log(w.mean())
         se_ll = w.std() / (w.mean() * np.sqrt(K))
         zs_ll.append((ll_is - ll_grid[i]) / se_ll)
-
-        # the gradient on the first KG draws (a (KG, P) table), decoder parameters only
-        dec_grad = jax.grad(lambda d, xx, zz: gt.model.log_joint({"decoder": d}, xx, zz))
-        g = jax.vmap(dec_grad, (None, None, 0))(params["decoder"], xi, z[:KG])
-        g = np.concatenate(
-            [np.asarray(a, np.float64).reshape(KG, -1) for a in jax.tree.leaves(g)], 1
-        )
         wbar = w[:KG] / w[:KG].sum()
         g_is = wbar @ g
         se_g = np.sqrt((wbar**2) @ (g - g_is) ** 2)
-        exact = np.concatenate(
-            [np.asarray(a, np.float64).ravel() for a in jax.tree.leaves(grid_grad(xi))]
-        )
         zs_grad.append((g_is - exact) / se_g)
     zs_grad = np.concatenate(zs_grad)
     c_ll = stats.norm.isf(1e-3 / (2 * len(zs_ll)))
