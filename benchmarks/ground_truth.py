@@ -301,10 +301,10 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="smoke run: tiny sizes and few steps")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--models", nargs="+", default=["ppca", "vae"], choices=["ppca", "vae"])
-    ap.add_argument("--iwae-s", type=int, nargs="+", default=[2, 5, 20])
+    ap.add_argument("--iwae-s", type=int, nargs="*", default=[2, 5, 20])
     ap.add_argument(
         "--unbiased",
-        nargs="+",
+        nargs="*",
         default=["5:0:0", "5:2:6"],
         help="S:k:m of each unbiased estimator (H_{k:m} with S particles)",
     )
