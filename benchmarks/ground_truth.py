@@ -20,8 +20,8 @@ Every method gets the same initialization, data, optimizer, steps and seeds: the
 Prints markdown tables (mean +- SE over seeds), writes ``--json`` and PNG curves
 (``benchmarks/plots/ground_truth_*.png``).
 
-    python benchmarks/ground_truth.py                 # the RESULTS.md run (~10 CPU-minutes)
-    python benchmarks/ground_truth.py --quick         # smoke run (~1 CPU-minute, mostly compiling)
+    python benchmarks/ground_truth.py                 # the RESULTS.md run (~6 CPU-minutes)
+    python benchmarks/ground_truth.py --quick         # smoke run (~1.5 CPU-min, compile-bound)
 """
 
 from __future__ import annotations
