@@ -122,7 +122,20 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--encoder-objective",
         help="auto (default: elbo for --estimator elbo, sumo_variance for sumo, else iwae), "
-        "elbo, iwae, inclusive_kl, sumo_variance, none",
+        "elbo, iwae, iwae_dreg (doubly reparameterised), chi2, inclusive_kl, sumo_variance, none",
+    )
+    g.add_argument(
+        "--encoder-particles",
+        type=_positive_int,
+        metavar="K",
+        help="draws of the encoder objective's own (default: reuse the estimator's S draws)",
+    )
+    g.add_argument(
+        "--rejuvenation",
+        metavar="STEPS,SIZE,MEET",
+        help="unbiased: move the kept particles between CIS steps by STEPS MALA steps of SIZE "
+        "and a reflection-maximal random walk of scale MEET (units of q's std), e.g. 3,0.5,0.3; "
+        "plain loop only. Measured to slow meeting on MNIST (benchmarks/RESULTS.md)",
     )
     g = t.add_argument_group("model")
     g.add_argument("--hidden", help="hidden layer widths, e.g. 200,200 (default)")
@@ -133,6 +146,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="two stochastic layers (default: one)",
     )
     g.add_argument("--likelihood", help="bernoulli (default) or gaussian")
+    g.add_argument(
+        "--encoder", help="proposal q(z|x): diag (default), full_cov, iaf (inverse AR flow)"
+    )
+    g.add_argument("--iaf-layers", type=_positive_int, help="iaf: flow steps (default 2)")
+    g.add_argument("--iaf-hidden", help="iaf: MADE hidden widths (default 100,100)")
     g = t.add_argument_group("optimisation")
     g.add_argument(
         "--epochs",

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from vaeml_jax.training.config import ConfigError, TrainConfig
+from vaeml_jax.training.config import ConfigError, TrainConfig, parse_rejuvenation
 
 __all__ = ["load_data", "build_vae", "make_estimator"]
 
@@ -41,6 +41,9 @@ def build_vae(config: TrainConfig):
             latent_dim=config.latent_dim,
             two_layer=config.two_layer,
             likelihood=config.likelihood,
+            encoder=config.encoder,
+            iaf_layers=config.iaf_layers,
+            iaf_hidden=tuple(config.iaf_hidden),
         )
     )
 
@@ -50,10 +53,16 @@ def make_estimator(config: TrainConfig, model):
     import vaeml_jax as vj
 
     enc = None if config.encoder_objective == "none" else config.encoder_objective
+    k_enc = config.encoder_particles
+    own = {} if k_enc is None else {"encoder_particles": k_enc}  # the objective's own draws
     if config.estimator == "elbo":
-        return vj.make_elbo_grad(model, encoder_objective=enc, num_samples=config.num_particles)
+        return vj.make_elbo_grad(
+            model, encoder_objective=enc, num_samples=config.num_particles, **own
+        )
     if config.estimator == "iwae":
-        return vj.make_iwae_grad(model, num_particles=config.num_particles, encoder_objective=enc)
+        return vj.make_iwae_grad(
+            model, num_particles=config.num_particles, encoder_objective=enc, **own
+        )
     if config.estimator == "mcmc":
         return vj.make_mcmc_grad(
             model,
@@ -61,6 +70,7 @@ def make_estimator(config: TrainConfig, model):
             num_steps=config.num_steps,
             burn_in=config.burn_in,
             encoder_objective=enc,
+            **own,
         )
     if config.estimator == "unbiased":
         return vj.make_unbiased_grad(
@@ -71,6 +81,10 @@ def make_estimator(config: TrainConfig, model):
             num_chains=config.num_chains,
             max_iters=config.max_iters,
             encoder_objective=enc,
+            rejuvenation=(
+                None if config.rejuvenation is None else parse_rejuvenation(config.rejuvenation)
+            ),
+            **own,
             **({} if config.num_slots is None else {"num_slots": config.num_slots}),
         )
     if config.estimator == "sumo":

@@ -20,6 +20,8 @@ __all__ = [
     "available_estimators",
     "BASE_ESTIMATORS",
     "ENCODER_OBJECTIVE_CHOICES",
+    "ENCODERS",
+    "parse_rejuvenation",
     "SCHEDULES",
     "BINARIZATIONS",
     "LIKELIHOODS",
@@ -30,7 +32,19 @@ __all__ = [
 ]
 
 BASE_ESTIMATORS = ("elbo", "iwae", "mcmc", "unbiased")
-ENCODER_OBJECTIVE_CHOICES = ("auto", "elbo", "iwae", "inclusive_kl", "sumo_variance", "none")
+ENCODER_OBJECTIVE_CHOICES = (
+    "auto",
+    "elbo",
+    "iwae",
+    "iwae_dreg",
+    "chi2",
+    "inclusive_kl",
+    "sumo_variance",
+    "none",
+)
+ENCODERS = ("diag", "full_cov", "iaf")
+# Encoder objectives that train q by reparameterised draws (they can take their own particles).
+REPARAM_OBJECTIVES = ("elbo", "iwae", "iwae_dreg", "chi2")
 SCHEDULES = ("constant", "iwae")
 BINARIZATIONS = ("auto", "dynamic", "static", "none")
 LIKELIHOODS = ("bernoulli", "gaussian")
@@ -98,14 +112,19 @@ class TrainConfig:
     num_chains: int = 1
     max_iters: int = 1000
     num_slots: int | str | None = "auto"
+    rejuvenation: str | None = None  # "STEPS,STEP_SIZE,MEET_SCALE" (unbiased, plain loop)
     num_steps: int = 5
     burn_in: int = 0
     min_terms: int = 1
     max_terms: int = 128
     encoder_objective: str = "auto"
+    encoder_particles: int | None = None
     hidden: tuple[int, ...] = (200, 200)
     latent_dim: int = 50
     two_layer: bool = False
+    encoder: str = "diag"
+    iaf_layers: int = 2
+    iaf_hidden: tuple[int, ...] = (100, 100)
     likelihood: str = "bernoulli"
     epochs: int | None = None
     batch_size: int = 100
@@ -136,13 +155,15 @@ class TrainConfig:
             raise ConfigError(
                 f"unknown config key(s) {unknown}; valid keys: {', '.join(cls.fields())}."
             )
-        if "hidden" in clean and clean["hidden"] is not None:
-            clean["hidden"] = _parse_hidden(clean["hidden"])
+        for name in ("hidden", "iaf_hidden"):
+            if name in clean and clean[name] is not None:
+                clean[name] = _parse_hidden(clean[name], name)
         return dataclasses.replace(base or cls(), **clean)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["hidden"] = list(self.hidden)
+        d["iaf_hidden"] = list(self.iaf_hidden)
         return d
 
     def resolved(self) -> TrainConfig:
@@ -156,6 +177,8 @@ class TrainConfig:
         if cfg.binarization == "auto":
             auto_b = "none" if cfg.likelihood == "gaussian" else "dynamic"
             cfg = dataclasses.replace(cfg, binarization=auto_b)
+        if cfg.num_slots == "auto" and cfg.rejuvenation is not None:
+            cfg = dataclasses.replace(cfg, num_slots=None)  # rejuvenation: plain loop only
         if cfg.num_slots == "auto":
             cfg = dataclasses.replace(cfg, num_slots=_auto_num_slots(cfg))
         elif isinstance(cfg.num_slots, str) and cfg.num_slots.lower() == "none":
@@ -181,6 +204,9 @@ class TrainConfig:
         choice("schedule", SCHEDULES)
         choice("binarization", BINARIZATIONS)
         choice("likelihood", LIKELIHOODS)
+        choice("encoder", ENCODERS)
+        if self.encoder != "diag" and self.two_layer:
+            raise ConfigError(f"encoder {self.encoder!r} is for one stochastic layer only.")
         ints = {
             "num_particles": 2 if self.estimator in ("mcmc", "unbiased") else 1,
             "k": 0,
@@ -192,6 +218,7 @@ class TrainConfig:
             "min_terms": 1,
             "max_terms": 1,
             "latent_dim": 1,
+            "iaf_layers": 1,
             "epochs": 1,
             "batch_size": 1,
             "seed": 0,
@@ -231,6 +258,30 @@ class TrainConfig:
             raise ConfigError(
                 f"hidden must be one or more positive layer widths, got {self.hidden!r}."
             )
+        if not self.iaf_hidden or any(
+            isinstance(h, bool) or not isinstance(h, int) or h < 1 for h in self.iaf_hidden
+        ):
+            raise ConfigError(
+                f"iaf_hidden must be one or more positive layer widths, got {self.iaf_hidden!r}."
+            )
+        if self.encoder_particles is not None:
+            v = self.encoder_particles
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ConfigError(f"encoder_particles must be a positive integer, got {v!r}.")
+            if self.encoder_objective not in REPARAM_OBJECTIVES or self.estimator == "sumo":
+                raise ConfigError(
+                    "encoder_particles is for the reparameterised encoder objectives ("
+                    f"{', '.join(REPARAM_OBJECTIVES)}) of elbo, iwae, mcmc and unbiased; got "
+                    f"encoder_objective {self.encoder_objective!r} with {self.estimator}."
+                )
+        if self.rejuvenation is not None:
+            parse_rejuvenation(self.rejuvenation)
+            if self.estimator != "unbiased":
+                raise ConfigError("rejuvenation is an option of --estimator unbiased.")
+            if self.num_slots is not None:
+                raise ConfigError(
+                    "rejuvenation runs in the plain loop only: use --num-slots none (or auto)."
+                )
         if not isinstance(self.two_layer, bool):
             raise ConfigError(f"two_layer must be true or false, got {self.two_layer!r}.")
         if (
@@ -275,17 +326,34 @@ def _auto_num_slots(cfg: TrainConfig) -> int | None:
     return max(1, cfg.batch_size * cfg.num_chains // 4)
 
 
-def _parse_hidden(value) -> tuple[int, ...]:
+def parse_rejuvenation(value):
+    """``"STEPS,STEP_SIZE,MEET_SCALE"`` (e.g. ``"3,0.5,0.3"``) -> vaeml_jax.Rejuvenation."""
+    from vaeml_jax.estimators import Rejuvenation
+    from vaeml_jax.estimators._rejuvenation import check_rejuvenation
+
+    try:
+        steps, size, meet = (p.strip() for p in str(value).split(","))
+        cfg = Rejuvenation(num_steps=int(steps), step_size=float(size), meet_scale=float(meet))
+        return check_rejuvenation(cfg)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(
+            f"rejuvenation must be STEPS,STEP_SIZE,MEET_SCALE like 3,0.5,0.3 (MALA steps >= 0, "
+            f"their size > 0, the random-walk scale >= 0, not both zero), got {value!r}"
+            + (f": {e}" if "Rejuvenation" in str(e) else ".")
+        ) from None
+
+
+def _parse_hidden(value, name: str = "hidden") -> tuple[int, ...]:
     if isinstance(value, str):
         parts = [p for p in value.replace(",", " ").split() if p]
         try:
             return tuple(int(p) for p in parts)
         except ValueError:
             raise ConfigError(
-                f"hidden must be layer widths like '200,200', got {value!r}."
+                f"{name} must be layer widths like '200,200', got {value!r}."
             ) from None
     if isinstance(value, int) and not isinstance(value, bool):
         return (value,)
     if isinstance(value, (list, tuple)):
         return tuple(value)
-    raise ConfigError(f"hidden must be a list of layer widths, got {value!r}.")
+    raise ConfigError(f"{name} must be a list of layer widths, got {value!r}.")
