@@ -157,6 +157,7 @@ def _posterior_proposal(params, x, grid):
     return mean, cov
 
 
+@pytest.mark.slow
 def test_quadrature_matches_importance_sampling(data_dir):
     r"""Grid log p(x) and its gradient against K-sample importance sampling, within SE.
 
