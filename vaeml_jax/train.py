@@ -139,12 +139,14 @@ def train(
       out_dir: the run directory (see :mod:`vaeml_jax.training.rundir` for its contents).
       resume: continue the run in ``out_dir`` up to ``config.epochs`` epochs in total (starting
         from scratch if it holds no run yet). Without it, a directory holding a run is refused.
-      progress: show a tqdm bar per epoch (objective, examples/s, mean/max meeting time, time
-        left). Its statistics are fetched from the device at most every ``progress_interval``
-        seconds; with ``progress=False`` the device is synchronised once per epoch only (and once
-        after the first steps, timed for the estimate of the run's length).
-      log: where the opening line, the length estimate and one summary line per epoch go
-        (default: stderr).
+      progress: show a tqdm bar per epoch (objective, examples/s, mean/max meeting time, ESS,
+        the running meeting-time tail index alpha, time left). Its statistics are fetched from
+        the device at most every ``progress_interval`` seconds; with ``progress=False`` the
+        device is synchronised once per epoch only (and once after the first steps, timed for
+        the estimate of the run's length).
+      log: where the opening line, the length estimate, one summary line per epoch and the
+        (throttled) ``vaeml: warning:`` line of :class:`~vaeml_jax.training.records.HealthMonitor`
+        go (default: stderr).
 
     Returns:
       A summary dict: ``out_dir``, ``epoch`` (epochs completed), ``start_epoch``, ``metrics``
