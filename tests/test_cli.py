@@ -228,6 +228,25 @@ def test_capped_lanes_give_one_warning_line_and_the_run_goes_on(tmp_path, data_d
     assert read_metrics(out)[0]["capped_fraction"] > 0
 
 
+def test_warm_start_flags_reach_config_and_records(tmp_path, data_dir, capsys):
+    out = tmp_path / "warm"
+    rc, _, err = run_cli(
+        capsys, "train", *SMALL, "--data-dir", data_dir, "--epochs", "2",
+        "--warm-start-epochs", "1", "--warm-start-estimator", "elbo",
+        "--warm-start-num-particles", "3", "--warm-start-lr", "2e-3", "--out", out,
+    )  # fmt: skip
+    assert rc == 0, err
+    cfg = json.loads((out / "config.json").read_text())
+    assert (cfg["warm_start_epochs"], cfg["warm_start_estimator"]) == (1, "elbo")
+    assert (cfg["warm_start_num_particles"], cfg["warm_start_lr"]) == (3, 2e-3)
+    recs = read_metrics(out)
+    assert [(r["phase"], r["estimator"], r["lr"]) for r in recs] == [
+        ("warm_start", "elbo", 2e-3),
+        ("main", "unbiased", 1e-3),
+    ]
+    assert "after 1 warm-start epoch of elbo (S=3, lr 0.002)" in err
+
+
 def test_missing_and_corrupt_data_files_fail_cleanly(tmp_path, data_dir, capsys):
     rc, _, err = run_cli(
         capsys, "train", *SMALL, "--data-dir", tmp_path / "nowhere", "--out", tmp_path / "a"

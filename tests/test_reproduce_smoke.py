@@ -179,6 +179,20 @@ def test_warm_start_quick_forks_every_continuation_from_one_state(data_dir, tmp_
         assert "ais" in runs[label]
     for name in ("test_ll_vs_evals.png", "test_ll_vs_seconds.png"):
         assert (out / "mnist" / "plots" / name).stat().st_size > 1000
+    # the forked continuation is the run its config.json describes: trained from scratch (warm
+    # start included) it ends with the same bits
+    check = f"""
+import sys, jax, numpy as np
+sys.path.insert(0, {str(REPO / "benchmarks")!r})
+import reproduce
+from vaeml_jax.train import train, load_run
+a = reproduce.parse_args(["--preset", "warm_start", "--quick"])
+cfg = reproduce.continuation_config(a, "mnist", "iwae", 0, 5)
+p = train(cfg, {str(tmp_path / "scratch")!r}, progress=False, log=lambda m: None)["params"]
+_, _, q, _ = load_run({str(out / "mnist" / "iwae5" / "seed0")!r})
+print("SAME", all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(p), jax.tree.leaves(q))))
+"""
+    assert "SAME True" in _run(["-c", check], data_dir).stdout
 
 
 def test_warm_start_and_long_presets_plan(capsys):

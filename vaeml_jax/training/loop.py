@@ -183,7 +183,9 @@ def describe(job: Job, run_dir: Path) -> str:
     if c.warm_start_epochs:
         w = c.warm_start_config()
         warm = (
-            f" after {c.warm_start_epochs} warm-start epochs of {w.estimator} "
+            f" after {c.warm_start_epochs} warm-start "
+            + ("epoch" if c.warm_start_epochs == 1 else "epochs")
+            + f" of {w.estimator} "
             f"(S={w.num_particles}, lr {w.lr:g})"
         )
     return (
