@@ -51,6 +51,23 @@ Settings (what each preset runs; flags override single values):
   ``--seeds``): runs resume from their checkpoints and finished runs are reused.
 * ``--quick``: a smoke run (tiny network, 200 examples, one seed, K = 20) that exercises every
   code path in well under a minute of compute after compilation.
+* ``--preset warm_start`` (CPU-sized; issue 10 part 4): does a warm start make the unbiased
+  estimator pay off? Per seed, IWAE-5 for ``--warm-epochs`` 30 epochs (3,000 steps at batch 100,
+  lr 1e-3) on the first 10,000 MNIST images, trained ONCE (``<out>/mnist/warm_start/seedN``);
+  then ``--continue-epochs`` 6 epochs (600 steps, lr 3e-4) of each of iwae S = 5 and 50,
+  unbiased S = 5 and 10 (k = m = 0) and the compute-matched IWAE of each unbiased run (S' = its
+  executed log_joint evaluations per example in the continuation). Every continuation starts from
+  a copy of the warm start's last checkpoint (parameters and Adam state: bitwise the same state)
+  under a config whose warm-start fields describe that warm start, so ``config.json`` is the
+  truth and training it from scratch gives the same bits (tested). Seeds 0 1 2; the test LL is
+  K = 5000 IS on the first 500 test images (not all 10,000: CPU-sized), AIS on 50 images of seed
+  0; after every continuation epoch an in-training IS estimate (K = 500, 500 images) gives the
+  curves ``<out>/mnist/plots/test_ll_vs_evals.png`` and ``test_ll_vs_seconds.png``. Not run here
+  (expect hours on 2 cores: check ``--plan``). ``--preset warm_start --quick`` is its smoke test
+  (200 images, a 16-unit network, 1 + 1 epochs, iwae5/unbiased5/matched; under a minute with a
+  warm compilation cache).
+* ``--preset long`` (a GPU): the same on all 60,000 MNIST images, 100 warm-start epochs + 100,
+  K = 5000 on the whole test set, AIS (1,000 temperatures) on 100 images. ``--plan`` prints it.
 
 Outputs in ``--out`` (default ``runs/reproduce``): one run directory per (dataset, label, seed) as
 written by ``vaeml_jax.train`` plus its ``result.json`` (a finished run is reused when the script
@@ -61,6 +78,8 @@ and ``results.md`` (the tables). Datasets whose files are missing are skipped wi
     python benchmarks/reproduce.py --full --plan   # every run's resolved settings, nothing trained
     python benchmarks/reproduce.py --full          # on a GPU
     python benchmarks/reproduce.py --quick --out /tmp/rq
+    python benchmarks/reproduce.py --preset warm_start --plan   # or --preset long --plan
+    python benchmarks/reproduce.py --preset warm_start --quick --out /tmp/wq
 
 Reference: Burda, Grosse & Salakhutdinov, "Importance Weighted Autoencoders", ICLR 2016 (Table 1).
 """
@@ -68,6 +87,7 @@ Reference: Burda, Grosse & Salakhutdinov, "Importance Weighted Autoencoders", IC
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import math
@@ -89,12 +109,15 @@ if str(REPO) not in sys.path:  # run from a checkout without installing
 from vaeml_jax.data import DataError, binarized_test_set, load_dataset  # noqa: E402
 from vaeml_jax.evaluation import evaluate  # noqa: E402
 from vaeml_jax.train import (  # noqa: E402
+    CHECKPOINT_DIR,
+    METRICS_FILE,
     TrainConfig,
     build_vae,
     read_config,
     read_metrics,
     train,
 )
+from vaeml_jax.training.rundir import write_atomic, write_config  # noqa: E402
 
 ESTIMATORS = ("elbo", "iwae", "mcmc", "unbiased", "sumo")
 DATASETS = ("mnist", "fashion_mnist", "omniglot")
@@ -110,6 +133,14 @@ DATASET_NOTES = {
     "omniglot": "vaeml's omniglot28 split (box-resampled 105->28): NOT comparable to published "
     "Omniglot numbers (the IWAE paper's chardata.mat was not available).",
 }
+
+# The continuations of the warm-start presets: (label, estimator, S).
+WARM_CONTINUATIONS = [
+    ["iwae5", "iwae", 5],
+    ["iwae50", "iwae", 50],
+    ["unbiased5", "unbiased", 5],
+    ["unbiased10", "unbiased", 10],
+]
 
 PRESETS = {
     "cpu": dict(
@@ -163,7 +194,84 @@ PRESETS = {
         latent_dim=4,
         checkpoint_every=1,
     ),
+    # Issue 10 part 4: a shared IWAE-5 warm start, then each estimator from the same state.
+    "warm_start": dict(
+        datasets=["mnist"],
+        max_train_examples=10_000,
+        warm_epochs=30,  # 3,000 IWAE-5 steps at batch 100
+        warm_particles=5,
+        warm_lr=1e-3,
+        continue_epochs=6,  # 600 steps
+        lr=3e-4,  # the continuation's
+        batch_size=100,
+        schedule="constant",
+        seeds=[0, 1, 2],
+        continuations=WARM_CONTINUATIONS,
+        matched=["unbiased5", "unbiased10"],
+        curve_examples=500,  # the in-training IS estimate after every continuation epoch
+        curve_samples=500,
+        eval_examples=500,  # CPU-sized: 500 of the 10,000 test images for K = 5000
+        eval_samples=5000,
+        ais_examples=50,
+        ais_steps=500,
+        ais_chains=16,
+        ais_seeds=1,
+        hidden=[200, 200],
+        latent_dim=50,
+        checkpoint_every=1,
+    ),
+    "warm_start_quick": dict(  # smoke: every code path of the warm_start preset, tiny
+        datasets=["mnist"],
+        max_train_examples=200,
+        warm_epochs=1,
+        warm_particles=5,
+        warm_lr=1e-3,
+        continue_epochs=1,
+        lr=3e-4,
+        batch_size=50,
+        schedule="constant",
+        seeds=[0],
+        continuations=[["iwae5", "iwae", 5], ["unbiased5", "unbiased", 5]],
+        matched=["unbiased5"],
+        curve_examples=20,
+        curve_samples=10,
+        eval_examples=40,
+        eval_samples=20,
+        ais_examples=4,
+        ais_steps=5,
+        ais_chains=2,
+        ais_seeds=1,
+        hidden=[16],
+        latent_dim=4,
+        checkpoint_every=1,
+    ),
+    "long": dict(  # a GPU: all of MNIST, 100 + 100 epochs
+        datasets=["mnist"],
+        max_train_examples=None,
+        warm_epochs=100,
+        warm_particles=5,
+        warm_lr=1e-3,
+        continue_epochs=100,
+        lr=3e-4,
+        batch_size=100,
+        schedule="constant",
+        seeds=[0, 1, 2],
+        continuations=WARM_CONTINUATIONS,
+        matched=["unbiased5", "unbiased10"],
+        curve_examples=1000,
+        curve_samples=1000,
+        eval_examples=None,  # the whole test set
+        eval_samples=5000,
+        ais_examples=100,
+        ais_steps=1000,
+        ais_chains=16,
+        ais_seeds=1,
+        hidden=[200, 200],
+        latent_dim=50,
+        checkpoint_every=5,
+    ),
 }
+WARM_PRESETS = ("warm_start", "long")
 
 
 def machine_info() -> dict:
@@ -257,6 +365,8 @@ def train_and_score(a, cfg: TrainConfig, label: str, run_dir: Path, test_x, log)
     params = out["params"]
     examples = sum(r["examples"] for r in records)
     evals = sum(r["num_log_joint_evals"] for r in records)
+    main = [r for r in records if r.get("phase", "main") == "main"]  # after any warm start
+    main_examples = sum(r["examples"] for r in main)
     last = records[-1]
     key = jax.random.key(a.eval_seed)  # the same evaluation key for every model
     ev = evaluate(
@@ -280,6 +390,9 @@ def train_and_score(a, cfg: TrainConfig, label: str, run_dir: Path, test_x, log)
         "train_examples_seen": int(examples),
         "train_log_joint_evals": int(evals),
         "evals_per_example": evals / examples,
+        "main_evals_per_example": sum(r["num_log_joint_evals"] for r in main) / main_examples,
+        "main_seconds": float(sum(r["wall_time"] for r in main)),
+        "curve": test_ll_curve(records),
         "train_seconds": float(sum(r["wall_time"] for r in records)),
         "compile_seconds": float(records[0].get("compile_seconds", float("nan"))),
         "run_seconds": total_seconds,
@@ -327,6 +440,24 @@ def train_and_score(a, cfg: TrainConfig, label: str, run_dir: Path, test_x, log)
         + (f", AIS-IS gap {res['ais']['gap_mean']:+.3f}" if "ais" in res else "")
     )
     return res
+
+
+def test_ll_curve(records: list[dict]) -> list[dict]:
+    """The in-training test LL (``--eval-every``) of the main phase against its cumulative
+    log_joint evaluations and seconds; the last warm-start evaluation is the origin (0, 0)."""
+    points, evals, seconds = [], 0, 0.0
+    for r in records:
+        if r.get("phase", "main") == "main":
+            evals += r["num_log_joint_evals"]
+            seconds += r["wall_time"]
+        elif "test_log_likelihood" in r:
+            points = []  # only the evaluation at the end of the warm start is kept
+        if "test_log_likelihood" in r:
+            points.append(
+                {"epoch": r["epoch"], "evals": evals, "seconds": seconds,
+                 "test_ll": r["test_log_likelihood"]}
+            )  # fmt: skip
+    return points
 
 
 def summarize(runs: list[dict], reference: str = "iwae") -> list[dict]:
@@ -429,6 +560,217 @@ def markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
+# ------------------------------------------------------------------------------------------------
+# The warm-start presets (issue 10 part 4)
+# ------------------------------------------------------------------------------------------------
+def warm_config(a, dataset: str, seed: int) -> TrainConfig:
+    """The shared warm start of a seed: IWAE-S_w for ``warm_epochs`` epochs, evaluated at its end
+    (the origin of every continuation's curve)."""
+    return TrainConfig(
+        dataset=dataset,
+        data_dir=a.data_dir,
+        estimator="iwae",
+        num_particles=a.warm_particles,
+        hidden=tuple(a.hidden),
+        latent_dim=a.latent_dim,
+        epochs=a.warm_epochs,
+        batch_size=a.batch_size,
+        lr=a.warm_lr,
+        schedule=a.schedule,
+        seed=seed,
+        max_train_examples=a.max_train_examples,
+        checkpoint_every=a.checkpoint_every,
+        keep_checkpoints=1,
+        eval_every=a.warm_epochs,
+        eval_num_samples=a.curve_samples,
+        eval_max_examples=a.curve_examples,
+    )
+
+
+def continuation_config(a, dataset: str, estimator: str, seed: int, num_particles: int):
+    """A continuation: the warm start's config as its warm-start phase (so config.json says what
+    the run is, and a from-scratch run of it would retrace the shared warm start bit for bit),
+    then ``continue_epochs`` epochs of ``estimator`` at ``lr``, evaluated after every epoch."""
+    w = warm_config(a, dataset, seed)
+    return dataclasses.replace(
+        w,
+        estimator=estimator,
+        num_particles=num_particles,
+        max_iters=a.max_iters,
+        epochs=a.warm_epochs + a.continue_epochs,
+        lr=a.lr,
+        eval_every=1,
+        warm_start_epochs=a.warm_epochs,
+        warm_start_estimator="iwae",
+        warm_start_num_particles=a.warm_particles,
+        warm_start_lr=a.warm_lr,
+    )
+
+
+def fork_from_warm(warm_dir: Path, run_dir: Path, cfg: TrainConfig, warm_epochs: int) -> None:
+    """Start ``run_dir`` from the warm start's last checkpoint (parameters AND Adam state): its
+    checkpoint and records are copied (records relabelled as the warm-start phase) under the
+    continuation's config, so ``train(resume=True)`` goes on from bitwise the same state for every
+    continuation. A run directory already holding this continuation is left to resume."""
+    stored = read_config(run_dir)
+    if stored is not None and _comparable(stored.to_dict()) == _comparable(
+        cfg.resolved().to_dict()
+    ):
+        return
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    (run_dir / CHECKPOINT_DIR).mkdir(parents=True)
+    shutil.copytree(
+        warm_dir / CHECKPOINT_DIR / str(warm_epochs), run_dir / CHECKPOINT_DIR / str(warm_epochs)
+    )
+    records = [
+        {**r, "phase": "warm_start"} for r in read_metrics(warm_dir) if r["epoch"] <= warm_epochs
+    ]
+    write_atomic(run_dir / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in records))
+    write_config(run_dir, cfg.resolved())
+
+
+def warm_start_seed(a, ds: str, seed: int, test_x, out: Path, log) -> list[dict]:
+    """One seed: the shared warm start, each continuation forked from it, then the
+    compute-matched IWAE of each ``matched`` continuation (S' = its executed log_joint
+    evaluations per training example in the continuation)."""
+    warm_dir = out / ds / "warm_start" / f"seed{seed}"
+    runs = [train_and_score(a, warm_config(a, ds, seed), "warm_start", warm_dir, test_x, log)]
+
+    def cont(label, estimator, num):
+        cfg = continuation_config(a, ds, estimator, seed, num)
+        run_dir = out / ds / label / f"seed{seed}"
+        fork_from_warm(warm_dir, run_dir, cfg, a.warm_epochs)
+        runs.append(train_and_score(a, cfg, label, run_dir, test_x, log))
+        return runs[-1]
+
+    by_label = {label: cont(label, est, num) for label, est, num in a.continuations}
+    for src in a.matched:
+        cont(f"iwae_matched_{src}", "iwae", max(2, round(by_label[src]["main_evals_per_example"])))
+    return runs
+
+
+def warm_start_block(a, ds: str, n_train: int, test_x, out: Path, log) -> dict:
+    runs = [r for seed in a.seeds for r in warm_start_seed(a, ds, seed, test_x, out, log)]
+    summary = summarize(runs, reference=a.continuations[0][0])
+    main = {
+        lab: [r for r in runs if r["label"] == lab]
+        for lab in dict.fromkeys(x["label"] for x in runs)
+    }
+    for row in summary:
+        rs = main[row["label"]]
+        row["main_evals_per_example"] = float(np.mean([r["main_evals_per_example"] for r in rs]))
+        row["main_seconds"] = float(np.mean([r["main_seconds"] for r in rs]))
+    plots = plot_warm_start(runs, out / ds / "plots")
+    return {
+        "train_examples": int(n_train),
+        "eval_examples": int(test_x.shape[0]),
+        "runs": [{k: v for k, v in r.items() if k != "per_example_ll"} for r in runs],
+        "summary": summary,
+        "plots": [str(p) for p in plots],
+    }
+
+
+def plot_warm_start(runs: list[dict], plot_dir: Path) -> list[Path]:
+    """Test LL (in-training IS, mean over seeds) against the continuation's log_joint evaluations
+    and against its seconds, one line per continuation, from the shared warm-start point."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plot_dir.mkdir(parents=True, exist_ok=True)
+    labels = [lab for lab in dict.fromkeys(r["label"] for r in runs) if lab != "warm_start"]
+    written = []
+    for xkey, xlabel, name in (
+        ("evals", "log_joint evaluations in the continuation", "test_ll_vs_evals.png"),
+        ("seconds", "training seconds in the continuation", "test_ll_vs_seconds.png"),
+    ):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for lab in labels:
+            curves = [r["curve"] for r in runs if r["label"] == lab and r["curve"]]
+            n = min(len(c) for c in curves) if curves else 0
+            if n == 0:
+                continue
+            x = np.mean([[p[xkey] for p in c[:n]] for c in curves], axis=0)
+            y = np.mean([[p["test_ll"] for p in c[:n]] for c in curves], axis=0)
+            ax.plot(x, y, marker="o", label=lab)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("test log-likelihood (IS, nats)")
+        ax.set_title("after a shared IWAE warm start (mean over seeds)")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(plot_dir / name, dpi=100)
+        plt.close(fig)
+        written.append(plot_dir / name)
+    return written
+
+
+def warm_markdown(results: dict) -> str:
+    """The warm-start presets' table: final K-sample IS test LL per continuation."""
+    s = results["settings"]
+    lines = []
+    for ds, block in results["datasets"].items():
+        lines += [f"### {ds}: warm start", ""]
+        if "skipped" in block:
+            lines += [f"Skipped: {block['skipped']}", ""]
+            continue
+        lines += [
+            f"{block['train_examples']} training examples; IWAE-{s['warm_particles']} for "
+            f"{s['warm_epochs']} epochs (lr {s['warm_lr']:g}), shared, then {s['continue_epochs']} "
+            f"epochs (lr {s['lr']:g}) from the same parameters and Adam state; seeds {s['seeds']}; "
+            f"test LL = IS with K = {s['eval_samples']} on {block['eval_examples']} test "
+            f"examples; diff = paired by seed vs {s['continuations'][0][0]}.",
+            "",
+            "| run | S | test LL | diff | log_joint evals / example (continuation) | "
+            "continuation s | capped lanes | AIS - IS (seed 0) |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        for r in block["summary"]:
+            s_txt = "/".join(str(v) for v in sorted(set(r["num_particles"])))
+            gap = "; ".join(f"{g:+.3f} +- {e:.3f}" for g, e in r["ais_gap"]) if r["ais_gap"] else ""
+            lines.append(
+                f"| {r['label']} | {s_txt} | {_f(r['test_ll'])} +- {_f(r['test_ll_se'])} | "
+                f"{_f(r['diff_vs_ref'])} +- {_f(r['diff_vs_ref_se'])} | "
+                f"{r['main_evals_per_example']:.1f} | {r['main_seconds']:.0f} | "
+                f"{r['capped_fraction']:.2e} | {gap} |"
+            )
+        lines += ["", "Plots: " + ", ".join(block["plots"]), ""]
+    return "\n".join(lines)
+
+
+def warm_plan(a) -> list[dict]:
+    """The warm-start presets' runs, resolved as ``train`` will run them."""
+    rows = []
+    for ds in a.datasets:
+        for seed in a.seeds:
+            w = warm_config(a, ds, seed).resolved()
+            items = [("warm_start", w, w.num_particles)]
+            for label, est, num in a.continuations:
+                items.append((label, continuation_config(a, ds, est, seed, num).resolved(), num))
+            for src in a.matched:
+                c = continuation_config(a, ds, "iwae", seed, 2).resolved()
+                items.append((f"iwae_matched_{src}", c, f"= {src}'s evals/example"))
+            for label, cfg, num in items:
+                rows.append(
+                    {
+                        "dataset": ds,
+                        "label": label,
+                        "seed": seed,
+                        "S": num,
+                        "warm_start_epochs": cfg.warm_start_epochs,
+                        "epochs": cfg.epochs,
+                        "lr": cfg.lr,
+                        "batch_size": cfg.batch_size,
+                        "max_train_examples": cfg.max_train_examples,
+                        "checkpoint_every": cfg.checkpoint_every,
+                        "eval_examples": a.eval_examples,
+                        "eval_samples": a.eval_samples,
+                    }
+                )
+    return rows
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
         description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
@@ -436,7 +778,16 @@ def parse_args(argv=None):
     g = p.add_mutually_exclusive_group()
     g.add_argument("--full", action="store_true", help="the IWAE paper's schedule (a GPU)")
     g.add_argument("--quick", action="store_true", help="smoke run: tiny model, one seed")
-    p.add_argument("--datasets", nargs="+", default=list(DATASETS))
+    p.add_argument(
+        "--preset",
+        choices=["cpu", "full", "warm_start", "long"],
+        help="cpu (default), full (= --full), warm_start (a shared IWAE warm start, then each "
+        "estimator from it; with --quick its smoke version) or long (warm_start on all of MNIST "
+        "for a GPU)",
+    )
+    p.add_argument("--warm-epochs", type=int, help="warm-start presets: IWAE epochs (shared)")
+    p.add_argument("--continue-epochs", type=int, help="warm-start presets: epochs after it")
+    p.add_argument("--datasets", nargs="+")
     p.add_argument("--estimators", nargs="+", default=list(ESTIMATORS), choices=ESTIMATORS)
     p.add_argument("--seeds", type=int, nargs="+")
     p.add_argument("--num-particles", type=int, default=5, help="S (default 5)")
@@ -478,10 +829,17 @@ def parse_args(argv=None):
         help="persistent XLA cache ('' to disable)",
     )
     a = p.parse_args(argv)
-    preset = PRESETS["full" if a.full else "quick" if a.quick else "cpu"]
-    for name, value in preset.items():
+    a.preset = _preset_name(p, a)
+    for name, value in PRESETS[a.preset].items():
         if getattr(a, name, None) is None:
             setattr(a, name, value)
+    if a.datasets is None:
+        a.datasets = list(DATASETS)
+    a.warm = a.preset in ("warm_start", "warm_start_quick", "long")
+    if a.warm:
+        if a.warm_epochs < 1 or a.continue_epochs < 1:
+            p.error("--warm-epochs and --continue-epochs must be >= 1.")
+        a.epochs = a.warm_epochs + a.continue_epochs
     if a.num_particles < 2:
         p.error("--num-particles must be >= 2 (the CIS-based estimators need two particles).")
     if a.match_to != "none" and a.match_to not in a.estimators:
@@ -489,6 +847,17 @@ def parse_args(argv=None):
     if "iwae" not in a.estimators:
         p.error("--estimators must include iwae (the reference of the paired differences).")
     return a
+
+
+def _preset_name(p, a) -> str:
+    """The PRESETS entry the flags ask for (``--quick`` with a warm-start preset is its smoke)."""
+    if a.preset in WARM_PRESETS:
+        if a.full:
+            p.error(f"--full and --preset {a.preset} are different experiments; choose one.")
+        return "warm_start_quick" if a.quick else a.preset
+    if a.preset is not None and (a.full or a.quick):
+        p.error(f"--preset {a.preset} with --full/--quick: choose one.")
+    return a.preset or ("full" if a.full else "quick" if a.quick else "cpu")
 
 
 def plan(a) -> list[dict]:
@@ -524,7 +893,7 @@ def plan(a) -> list[dict]:
 def main(argv=None) -> dict:
     a = parse_args(argv)
     if a.plan:
-        rows = plan(a)
+        rows = warm_plan(a) if a.warm else plan(a)
         cols = list(rows[0])
         print("| " + " | ".join(cols) + " |\n|" + " --- |" * len(cols))
         for r in rows:
@@ -558,6 +927,9 @@ def main(argv=None) -> dict:
         if a.max_train_examples is not None:
             n_train = min(n_train, a.max_train_examples)
         log(f"{ds}: {n_train} training examples, {test_x.shape[0]} test examples")
+        if a.warm:
+            results["datasets"][ds] = warm_start_block(a, ds, n_train, test_x, out, log)
+            continue
         runs = []
         for seed in a.seeds:
             for est in a.estimators:
@@ -586,7 +958,7 @@ def main(argv=None) -> dict:
             "summary": summarize(runs),
             "published": PUBLISHED.get(ds, []),
         }
-    md = markdown(results)
+    md = warm_markdown(results) if a.warm else markdown(results)
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     (out / "results.md").write_text(md + "\n")
     print("\n" + md)

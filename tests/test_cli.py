@@ -95,9 +95,14 @@ def test_train_writes_config_metrics_meeting_times_and_checkpoints(trained):
         for key in (
             "objective", "meeting_time_mean", "meeting_time_max", "num_iters_mean",
             "num_iters_max", "capped_fraction", "num_log_joint_evals", "wall_time",
-            "examples_per_second", "lr", "num_devices", "test_log_likelihood",
+            "examples_per_second", "lr", "num_devices", "test_log_likelihood", "phase",
+            "estimator", "ess_mean", "log1p_chi2_mean", "log_weight_std_mean",
+            "nonfinite_weight_fraction", "tail_index",
         ):  # fmt: skip
             assert key in r, key
+        assert (r["phase"], r["estimator"]) == ("main", "unbiased")
+        assert 1.0 <= r["ess_mean"] <= 4 and r["nonfinite_weight_fraction"] == 0.0
+        assert r["tail_index"] is None or r["tail_index"] > 0
         assert r["num_devices"] == 1 and r["examples"] == 200 and r["lr"] == 1e-3
         assert np.isfinite(r["objective"]) and r["objective"] < 0
         assert r["meeting_time_mean"] >= 1 and r["meeting_time_max"] >= r["meeting_time_mean"]
@@ -195,16 +200,51 @@ def test_resume_of_a_finished_run_does_nothing_and_more_epochs_continue(trained,
         (["--binarization", "none"], ["Bernoulli decoder needs binary pixels"]),
         (["--binarization", "sometimes"], ["unknown binarization 'sometimes'"]),
         (["--epochs", "two"], ["--epochs: expected an integer"]),
+        (["--epochs", "3", "--warm-start-epochs", "3"], ["warm_start_epochs (3) must be smaller"]),
+        (["--warm-start-epochs", "-2"], ["warm_start_epochs must be an integer >= 0, got -2"]),
+        (["--warm-start-estimator", "mcmc"], ["unknown warm_start_estimator 'mcmc'", "iwae"]),
     ],
 )
 def test_bad_options_fail_cleanly_and_write_nothing(tmp_path, data_dir, capsys, flags, needles):
     out = tmp_path / "o"
     rc, _, err = run_cli(capsys, "train", *SMALL, "--data-dir", data_dir, *flags, "--out", out)
-    if "--epochs" in flags:  # argparse's own usage error: exit status 2, no traceback
+    if "two" in flags:  # argparse's own usage error: exit status 2, no traceback
         assert rc == 2 and "Traceback" not in err and needles[0] in err
     else:
         assert_one_clean_error(rc, err, *needles)
     assert not out.exists()
+
+
+def test_capped_lanes_give_one_warning_line_and_the_run_goes_on(tmp_path, data_dir, capsys):
+    """--max-iters 1: most lanes of a fresh model are still apart after one coupled iteration."""
+    out = tmp_path / "capped"
+    rc, _, err = run_cli(
+        capsys, "train", *SMALL, "--data-dir", data_dir, "--epochs", "1", "--max-iters", "1",
+        "--out", out,
+    )  # fmt: skip
+    assert rc == 0 and "Traceback" not in err
+    warn = [ln for ln in err.splitlines() if ln.startswith("vaeml: warning: epoch 1: ")]
+    assert len(warn) == 1 and "hit the iteration cap (--max-iters 1)" in warn[0], err
+    assert read_metrics(out)[0]["capped_fraction"] > 0
+
+
+def test_warm_start_flags_reach_config_and_records(tmp_path, data_dir, capsys):
+    out = tmp_path / "warm"
+    rc, _, err = run_cli(
+        capsys, "train", *SMALL, "--data-dir", data_dir, "--epochs", "2",
+        "--warm-start-epochs", "1", "--warm-start-estimator", "elbo",
+        "--warm-start-num-particles", "3", "--warm-start-lr", "2e-3", "--out", out,
+    )  # fmt: skip
+    assert rc == 0, err
+    cfg = json.loads((out / "config.json").read_text())
+    assert (cfg["warm_start_epochs"], cfg["warm_start_estimator"]) == (1, "elbo")
+    assert (cfg["warm_start_num_particles"], cfg["warm_start_lr"]) == (3, 2e-3)
+    recs = read_metrics(out)
+    assert [(r["phase"], r["estimator"], r["lr"]) for r in recs] == [
+        ("warm_start", "elbo", 2e-3),
+        ("main", "unbiased", 1e-3),
+    ]
+    assert "after 1 warm-start epoch of elbo (S=3, lr 0.002)" in err
 
 
 def test_missing_and_corrupt_data_files_fail_cleanly(tmp_path, data_dir, capsys):

@@ -43,6 +43,12 @@ SCRIPT = textwrap.dedent(
         "scale": max(float(np.max(np.abs(np.asarray(x)))) for x in jax.tree.leaves(p1)),
         "num_devices_logged": [r["num_devices"] for r in read_metrics(os.path.join(out, "four"))],
         "num_devices_moved": [r["num_devices"] for r in read_metrics(os.path.join(out, "moved"))],
+        "diagnostics": {
+            name: [[r[k] for k in ("ess_mean", "log1p_chi2_mean", "log_weight_std_mean",
+                                   "nonfinite_weight_fraction", "tail_index")]
+                   for r in read_metrics(os.path.join(out, name))]
+            for name in ("one", "four")
+        },
     }
     try:
         train(TrainConfig(**{**small, "batch_size": 30}, devices=4, epochs=1),
@@ -86,6 +92,18 @@ def test_checkpoint_from_4_devices_resumes_on_1(result):
 
 def test_metrics_record_num_devices(result):
     assert result["num_devices_logged"] == [4, 4, 4]
+
+
+def test_per_example_diagnostics_are_gathered_over_devices(result):
+    """ESS, log(1 + chi^2), std of log w and the tail index of the 4-device run are those of the
+    1-device run: the per-example info is sharded like the batch and gathered whole."""
+    one, four = result["diagnostics"]["one"], result["diagnostics"]["four"]
+    assert len(one) == len(four) == 3
+    for a, b in zip(one, four, strict=True):
+        assert (a[-1] is None) == (b[-1] is None)
+        np.testing.assert_allclose(
+            [v for v in a if v is not None], [v for v in b if v is not None], rtol=1e-4
+        )
 
 
 def test_indivisible_batch_is_refused_clearly(result):

@@ -229,3 +229,133 @@ def test_a_run_announces_its_estimated_length_once(tmp_path, data_dir):
     est = [ln for ln in lines if ln.startswith("vaeml: estimated")]
     assert len(est) == 1 and est[0].startswith("vaeml: estimated remaining ~"), lines
     assert "4 steps/epoch, 1 epoch)" in est[0]
+
+
+# ---- per-epoch diagnostics and their warning (issue 10) ----------------------------------------
+def _strict_json_records(run_dir):
+    """metrics.jsonl parsed as strict JSON (a NaN or Infinity in it fails here)."""
+
+    def refuse(name):
+        raise AssertionError(f"metrics.jsonl holds {name}")
+
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(ln, parse_constant=refuse) for ln in lines]
+
+
+def test_health_monitor_throttles_one_line_per_category_change():
+    from vaeml_jax.training.records import HealthMonitor
+
+    lines = []
+    mon = HealthMonitor(lines.append, repeat_every=10)
+    capped = {"capped_fraction": 0.5, "tail_index": float("nan")}
+    both = {"capped_fraction": 0.5, "tail_index": 1.2}
+    seen = [mon.check(s, e, 7) for e, s in enumerate([capped] * 3 + [both] + [both] * 11, 1)]
+    logged = [e for e, line in enumerate(seen, 1) if line is not None]
+    assert logged == [1, 4, 14]  # first, category change, 10 epochs later
+    assert all(ln.startswith("vaeml: warning: epoch ") and "\n" not in ln for ln in lines)
+    assert "(--max-iters 7)" in lines[0] and "tail index 1.20 < 2" in lines[1]
+    assert mon.check({"capped_fraction": 0.0}, 15) is None  # healthy epoch resets it
+    assert mon.check(both, 16) is not None
+
+
+def test_warm_start_config_is_checked():
+    base = TrainConfig(epochs=5, estimator="unbiased")
+    w = dataclasses.replace(base, warm_start_epochs=2, warm_start_lr=3e-3).resolved()
+    ws = w.warm_start_config()
+    assert (ws.estimator, ws.num_particles, ws.encoder_objective, ws.lr) == (
+        "iwae",
+        5,
+        "iwae",
+        3e-3,
+    )
+    assert (ws.epochs, ws.seed, ws.batch_size, ws.num_slots) == (5, 0, 100, None)
+    assert [w.phase(e) for e in range(5)] == ["warm_start"] * 2 + ["main"] * 3
+    elbo = dataclasses.replace(w, warm_start_estimator="elbo").warm_start_config()
+    assert elbo.encoder_objective == "elbo"
+    for change, match in [
+        (dict(warm_start_epochs=5), r"warm_start_epochs \(5\) must be smaller than epochs \(5\)"),
+        (dict(warm_start_epochs=-1), "warm_start_epochs must be an integer >= 0"),
+        (dict(warm_start_estimator="mcmc"), "unknown warm_start_estimator 'mcmc'"),
+        (dict(warm_start_num_particles=0), "warm_start_num_particles must be an integer >= 1"),
+        (dict(warm_start_lr=0.0), "warm_start_lr must be a positive number"),
+    ]:
+        with pytest.raises(ConfigError, match=match):
+            dataclasses.replace(base, **change).resolved()
+
+
+def _opt_count(run_dir, epoch):
+    """Adam's step count in the checkpoint of ``epoch`` (the optimizer state carried over)."""
+    from vaeml_jax.checkpoint import Checkpointer
+    from vaeml_jax.train import build_vae, read_config
+
+    cfg = read_config(run_dir).resolved()
+    params = jax.eval_shape(lambda k: build_vae(cfg).init(k), jax.random.key(0))
+    opt_state = jax.eval_shape(make_optimizer(cfg).init, params)
+    with Checkpointer(run_dir / "checkpoints", read_only=True) as ckpt:
+        state, _, _ = ckpt.restore({"params": params, "opt_state": opt_state}, epoch)
+    return int(state["opt_state"].inner_state[0].count)
+
+
+def test_warm_start_then_main_resumes_bitwise_from_either_phase(tmp_path, data_dir):
+    """IWAE-5 for 2 epochs, then the unbiased estimator for 1, from the same params and Adam state;
+    a run that died after epoch 1 (warm phase) or 2 (phase boundary) resumes to the same bits.
+    The records say which phase and estimator every epoch had, with sane diagnostics."""
+    import shutil
+
+    cfg = TrainConfig(data_dir=str(data_dir), epochs=3, warm_start_epochs=2, **SMALL)
+    lines: list[str] = []
+    full = train(cfg, tmp_path / "full", progress=False, log=lines.append)
+    assert "after 2 warm-start epochs of iwae (S=5" in lines[0]
+    assert any(ln.startswith("vaeml: estimated warm-start phase ~") for ln in lines), lines
+    assert any(ln.startswith("vaeml: estimated main phase ~") for ln in lines), lines
+    stored = json.loads((tmp_path / "full" / "config.json").read_text())
+    assert (stored["warm_start_epochs"], stored["warm_start_estimator"]) == (2, "iwae")
+    assert stored["warm_start_num_particles"] == 5 and stored["estimator"] == "unbiased"
+    recs = _strict_json_records(tmp_path / "full")
+    assert [(r["phase"], r["estimator"]) for r in recs] == [
+        ("warm_start", "iwae"),
+        ("warm_start", "iwae"),
+        ("main", "unbiased"),
+    ]
+    for r, s in zip(recs, (5, 5, 4), strict=True):
+        assert 1.0 <= r["ess_mean"] <= s and 0.0 <= r["log1p_chi2_mean"] <= np.log(s) + 1e-6
+        assert r["log_weight_std_mean"] > 0 and r["nonfinite_weight_fraction"] == 0.0
+        assert r["tail_index"] is None or r["tail_index"] > 0
+    assert recs[0]["tail_index"] is None  # IWAE has no meeting times
+    assert _opt_count(tmp_path / "full", 3) == 12  # 3 epochs x 4 steps: Adam never restarted
+    for died_after in (1, 2):
+        part = tmp_path / f"died{died_after}"
+        shutil.copytree(tmp_path / "full", part)
+        for e in range(died_after + 1, 4):
+            shutil.rmtree(part / "checkpoints" / str(e))
+        rest = train(cfg, part, resume=True, progress=False, log=lambda s: None)
+        assert rest["start_epoch"] == died_after and _leaves_equal(rest["params"], full["params"])
+        timing = ("wall_time", "examples_per_second", "compile_seconds")
+        strip = [{k: v for k, v in r.items() if k not in timing} for r in read_metrics(part)]
+        ref = [{k: v for k, v in r.items() if k not in timing} for r in recs]
+        assert strip == ref
+
+
+def test_nan_importance_weights_give_the_warning_then_a_clean_stop(tmp_path, data_dir, monkeypatch):
+    """A model whose log p(x, z) is NaN for some examples: the epoch's warning line names the
+    non-finite weights before TrainingDiverged stops the run (nothing saved, no crash)."""
+    from vaeml_jax.train import TrainingDiverged
+    from vaeml_jax.training import loop
+
+    real = loop.make_estimator
+
+    def poisoned(config, model):
+        def log_joint(params, x, z):
+            lj = model.log_joint(params, x, z)
+            return jnp.where(x[300] > 0.5, jnp.nan, lj)  # examples with that pixel on
+
+        return real(config, model._replace(log_joint=log_joint))
+
+    monkeypatch.setattr(loop, "make_estimator", poisoned)
+    cfg = TrainConfig(data_dir=str(data_dir), epochs=1, **{**SMALL, "estimator": "iwae"})
+    lines: list[str] = []
+    with pytest.raises(TrainingDiverged, match="non-finite loss or gradients at epoch 1"):
+        train(cfg, tmp_path / "nan", progress=True, log=lines.append)
+    warn = [ln for ln in lines if ln.startswith("vaeml: warning: epoch 1: ")]
+    assert len(warn) == 1 and "had no finite importance weight" in warn[0], lines
+    assert not list((tmp_path / "nan" / "checkpoints").glob("[0-9]*"))  # no epoch saved

@@ -163,6 +163,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--schedule",
         help="constant (default) or iwae (8 stages of 3^(i-1) epochs, lr*10^(-(i-1)/7))",
     )
+    g = t.add_argument_group("warm start (issue 10)")
+    g.add_argument(
+        "--warm-start-epochs",
+        type=int,  # range checked by TrainConfig: one `vaeml: error:` line
+        metavar="N",
+        help="train the first N of --epochs with --warm-start-estimator, then go on with "
+        "--estimator from the same parameters and Adam state (default 0: no warm start)",
+    )
+    g.add_argument("--warm-start-estimator", help="iwae (default) or elbo")
+    g.add_argument(
+        "--warm-start-num-particles", type=int, metavar="S", help="its particles (default 5)"
+    )
+    g.add_argument("--warm-start-lr", type=float, help="its Adam learning rate (default: --lr)")
     g = t.add_argument_group("monitoring and checkpoints")
     g.add_argument(
         "--eval-every",

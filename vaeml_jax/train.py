@@ -54,11 +54,12 @@ from vaeml_jax.training.config import (  # noqa: F401 (re-exported constants)
 )
 from vaeml_jax.training.loop import (
     EpochRunner,
-    Job,
+    PhaseRunners,
     TrainingDiverged,
     build_job,
     check_finite,
     describe,
+    first_bad_step,
 )
 from vaeml_jax.training.optim import (
     iwae_learning_rate,
@@ -66,7 +67,14 @@ from vaeml_jax.training.optim import (
     make_optimizer,
     set_learning_rate,
 )
-from vaeml_jax.training.records import epoch_record, evaluate_during_training, format_record
+from vaeml_jax.training.records import (
+    HealthMonitor,
+    epoch_diagnostics,
+    epoch_record,
+    evaluate_during_training,
+    format_record,
+    record_summary,
+)
 from vaeml_jax.training.rundir import (
     CHECKPOINT_DIR,
     CONFIG_FILE,
@@ -131,12 +139,14 @@ def train(
       out_dir: the run directory (see :mod:`vaeml_jax.training.rundir` for its contents).
       resume: continue the run in ``out_dir`` up to ``config.epochs`` epochs in total (starting
         from scratch if it holds no run yet). Without it, a directory holding a run is refused.
-      progress: show a tqdm bar per epoch (objective, examples/s, mean/max meeting time, time
-        left). Its statistics are fetched from the device at most every ``progress_interval``
-        seconds; with ``progress=False`` the device is synchronised once per epoch only (and once
-        after the first steps, timed for the estimate of the run's length).
-      log: where the opening line, the length estimate and one summary line per epoch go
-        (default: stderr).
+      progress: show a tqdm bar per epoch (objective, examples/s, mean/max meeting time, ESS,
+        the running meeting-time tail index alpha, time left). Its statistics are fetched from
+        the device at most every ``progress_interval`` seconds; with ``progress=False`` the
+        device is synchronised once per epoch only (and once after the first steps, timed for
+        the estimate of the run's length).
+      log: where the opening line, the length estimate, one summary line per epoch and the
+        (throttled) ``vaeml: warning:`` line of :class:`~vaeml_jax.training.records.HealthMonitor`
+        go (default: stderr).
 
     Returns:
       A summary dict: ``out_dir``, ``epoch`` (epochs completed), ``start_epoch``, ``metrics``
@@ -176,29 +186,39 @@ def train(
             last_record = records[-1] if records else None
             return _summary(run_dir, start_epoch, start_epoch, last_record, state)
 
-        runner = EpochRunner(
+        runners = PhaseRunners(
             job,
             start_epoch=start_epoch,
             progress=progress,
             progress_interval=progress_interval,
             log=log,
         )
+        health = HealthMonitor(log)
         record = None
         for epoch in range(start_epoch, config.epochs):
-            state, record = _train_epoch(job, runner, state, epoch, run_dir, ckpt)
+            runner = runners.for_epoch(epoch)  # the warm start's, then the main estimator's
+            state, record = _train_epoch(runner, state, epoch, run_dir, ckpt, health)
             log(format_record(record, config.epochs))
     return _summary(run_dir, config.epochs, start_epoch, record, state)
 
 
 def _train_epoch(
-    job: Job, runner: EpochRunner, state: TrainState, epoch: int, run_dir: Path, ckpt: Checkpointer
+    runner: EpochRunner,
+    state: TrainState,
+    epoch: int,
+    run_dir: Path,
+    ckpt: Checkpointer,
+    health: HealthMonitor,
 ) -> tuple[TrainState, dict]:
-    """One epoch: set its learning rate, run its steps, check them, record, checkpoint."""
-    config = job.config
+    """One epoch of the runner's phase: set its learning rate, run its steps, check them, record,
+    warn about its diagnostics, checkpoint."""
+    job = runner.job
+    config = job.config  # the phase's: its estimator and learning rate
     lr = learning_rate(config, epoch)
     state = state._replace(opt_state=set_learning_rate(state.opt_state, lr))
     state, host, seconds, compile_seconds = runner.run(state, epoch)
     good = ckpt.latest_epoch()
+    _warn_before_divergence(host, epoch, config, health)
     check_finite(host, epoch, job.steps_per_epoch, lr, good, run_dir / CHECKPOINT_DIR)
     evaluation = None
     if job.eval_x is not None and (epoch + 1) % config.eval_every == 0:
@@ -214,17 +234,37 @@ def _train_epoch(
         num_devices=job.num_devices,
         compile_seconds=compile_seconds,
         evaluation=evaluation,
+        phase=job.phase,
+        estimator=config.estimator,
     )
     append_metrics(run_dir, record)
     save_meeting_times(run_dir, host["meeting_time"])
+    health.check(record_summary(record), epoch + 1, _max_iters(config))
     last = epoch + 1 == config.epochs
     if last or (config.checkpoint_every and (epoch + 1) % config.checkpoint_every == 0):
         ckpt.save(
             epoch + 1,
             {"params": state.params, "opt_state": state.opt_state},
-            {"epoch": epoch + 1, "config": config.to_dict(), "version": _version()},
+            {"epoch": epoch + 1, "config": job.run_config.to_dict(), "version": _version()},
         )
     return state, record
+
+
+def _max_iters(config: TrainConfig) -> int | None:
+    return config.max_iters if config.estimator == "unbiased" else None
+
+
+def _warn_before_divergence(host: dict, epoch: int, config: TrainConfig, health) -> None:
+    """A diverged epoch's diagnostics up to its bad step (NaN importance weights say why), logged
+    before :func:`check_finite` stops the run."""
+    bad = first_bad_step(host)
+    if bad is not None:
+        steps = {k: v[: bad + 1] for k, v in host.items()}  # later rows were never run
+        health.check(epoch_diagnostics(steps) | _capped(steps), epoch + 1, _max_iters(config))
+
+
+def _capped(host: dict) -> dict:
+    return {"capped_fraction": float(host["capped"].mean()) if host["capped"].size else 0.0}
 
 
 def _restore(ckpt: Checkpointer, state: TrainState) -> tuple[TrainState, int]:

@@ -29,6 +29,7 @@ __all__ = [
     "IWAE_SCHEDULE_EPOCHS",
     "DEFAULT_EPOCHS",
     "RESUMABLE_FIELDS",
+    "WARM_START_ESTIMATORS",
 ]
 
 BASE_ESTIMATORS = ("elbo", "iwae", "mcmc", "unbiased")
@@ -52,6 +53,8 @@ LIKELIHOODS = ("bernoulli", "gaussian")
 IWAE_SCHEDULE_STAGES = 8
 IWAE_SCHEDULE_EPOCHS = sum(3**i for i in range(IWAE_SCHEDULE_STAGES))
 DEFAULT_EPOCHS = 100
+# A warm start trains with a cheap, low-variance bound first (issue 10): those two estimators.
+WARM_START_ESTIMATORS = ("iwae", "elbo")
 # Fields that may change when a run is resumed (they do not change the trajectory up to the
 # resumed epoch). Everything else must match the stored config.
 RESUMABLE_FIELDS = (
@@ -100,6 +103,11 @@ class TrainConfig:
     otherwise; ``"none"`` leaves the encoder at its initialisation. ``epochs=None`` resolves to
     100 (constant schedule) or 3,280 (the full IWAE schedule). ``max_train_examples`` keeps the
     first N training examples (quick runs). ``checkpoint_every=0`` saves only at the end.
+
+    ``warm_start_epochs=N > 0``: the first N of the ``epochs`` use ``warm_start_estimator`` (IWAE
+    by default) with ``warm_start_num_particles`` particles and the learning rate
+    ``warm_start_lr`` (None: ``lr``), then the run goes on with the configured estimator from the
+    same parameters and Adam state (:meth:`warm_start_config` is the warm phase's config).
     """
 
     dataset: str = "mnist"
@@ -138,6 +146,29 @@ class TrainConfig:
     checkpoint_every: int = 1
     keep_checkpoints: int = 3
     devices: int | None = None  # None: every visible device (data parallel over the batch)
+    warm_start_epochs: int = 0
+    warm_start_estimator: str = "iwae"
+    warm_start_num_particles: int = 5
+    warm_start_lr: float | None = None
+
+    def warm_start_config(self) -> TrainConfig:
+        """The resolved config of the warm-start phase: this run with the warm-start estimator,
+        particles and learning rate (and that estimator's automatic encoder objective); the
+        data, model, batch size, epochs and seed are the run's own."""
+        return dataclasses.replace(
+            self,
+            estimator=self.warm_start_estimator,
+            num_particles=self.warm_start_num_particles,
+            encoder_objective="auto",
+            num_slots="auto",
+            lr=self.lr if self.warm_start_lr is None else self.warm_start_lr,
+            warm_start_epochs=0,
+            warm_start_lr=None,
+        ).resolved()
+
+    def phase(self, epoch: int) -> str:
+        """``"warm_start"`` or ``"main"``: the phase of 0-based ``epoch``."""
+        return "warm_start" if epoch < self.warm_start_epochs else "main"
 
     # -- construction ----------------------------------------------------------------------------
     @classmethod
@@ -207,6 +238,7 @@ class TrainConfig:
         choice("encoder", ENCODERS)
         if self.encoder != "diag" and self.two_layer:
             raise ConfigError(f"encoder {self.encoder!r} is for one stochastic layer only.")
+        choice("warm_start_estimator", WARM_START_ESTIMATORS)
         ints = {
             "num_particles": 2 if self.estimator in ("mcmc", "unbiased") else 1,
             "k": 0,
@@ -227,6 +259,8 @@ class TrainConfig:
             "eval_max_examples": 1,
             "checkpoint_every": 0,
             "keep_checkpoints": 1,
+            "warm_start_epochs": 0,
+            "warm_start_num_particles": 1,
         }
         for name, lo in ints.items():
             v = getattr(self, name)
@@ -291,6 +325,7 @@ class TrainConfig:
             or self.lr <= 0
         ):
             raise ConfigError(f"lr must be a positive number, got {self.lr!r}.")
+        self._validate_warm_start()
         if self.k > self.m:
             raise ConfigError(
                 f"k must be <= m for the estimator H_{{k:m}}, got k={self.k} > m={self.m}; "
@@ -315,6 +350,18 @@ class TrainConfig:
                 f"max_train_examples ({self.max_train_examples}) is smaller than batch_size "
                 f"({self.batch_size}): an epoch would have no batch."
             )
+
+    def _validate_warm_start(self) -> None:
+        if self.warm_start_epochs and self.warm_start_epochs >= self.epochs:
+            raise ConfigError(
+                f"warm_start_epochs ({self.warm_start_epochs}) must be smaller than epochs "
+                f"({self.epochs}): --epochs counts every epoch, the warm start's included."
+            )
+        v = self.warm_start_lr
+        if v is not None and (
+            isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0
+        ):
+            raise ConfigError(f"warm_start_lr must be a positive number, got {v!r}.")
 
 
 def _auto_num_slots(cfg: TrainConfig) -> int | None:

@@ -33,7 +33,16 @@ from vaeml_jax.training.optim import make_optimizer
 from vaeml_jax.training.records import format_duration, progress_postfix
 from vaeml_jax.training.step import TrainState, make_epoch_runner, make_train_step, metric_shapes
 
-__all__ = ["TrainingDiverged", "Job", "build_job", "describe", "EpochRunner", "check_finite"]
+__all__ = [
+    "TrainingDiverged",
+    "Job",
+    "build_job",
+    "describe",
+    "EpochRunner",
+    "PhaseRunners",
+    "check_finite",
+    "first_bad_step",
+]
 
 # Steps timed (after compilation) for the estimate of the run's length.
 ESTIMATE_STEPS = 20
@@ -60,6 +69,24 @@ class Job:
     root: jax.Array
     train_dev: jax.Array  # the training images on device
     binarize: bool  # redraw Bernoulli pixels every epoch
+    run_config: TrainConfig | None = None  # the whole run's config (``config`` is the phase's)
+    phase: str = "main"
+
+    def for_phase(self, phase: str) -> Job:
+        """This job with the estimator and train step of ``phase`` (the data, model, mesh and
+        optimizer are shared, so the Adam state carries over from one phase to the next)."""
+        run_config = self.run_config or self.config
+        if phase == "main":
+            return (
+                dataclasses.replace(self, config=run_config, phase="main")
+                if self.phase != phase
+                else self
+            )
+        config = run_config.warm_start_config()
+        grad_fn, train_step = _estimator_and_step(config, self.vae, self.mesh, self.optimizer)
+        return dataclasses.replace(
+            self, config=config, grad_fn=grad_fn, train_step=train_step, phase=phase
+        )
 
     def epoch_data(self, epoch: int) -> tuple[jax.Array, jax.Array]:
         """``(batches, steps_key)`` of 0-based ``epoch``: (steps, B, D) sharded over the mesh."""
@@ -116,7 +143,7 @@ def build_job(config: TrainConfig) -> Job:
         raise ConfigError(str(e)) from None
     vae = build_vae(config)
     optimizer = make_optimizer(config)
-    grad_fn = make_estimator(config, vae.model)
+    grad_fn, train_step = _estimator_and_step(config, vae, mesh, optimizer)
     job = Job(
         config=config,
         vae=vae,
@@ -127,10 +154,11 @@ def build_job(config: TrainConfig) -> Job:
         steps_per_epoch=n_train // config.batch_size,
         optimizer=optimizer,
         grad_fn=grad_fn,
-        train_step=make_train_step(distributed.data_parallel(grad_fn, mesh), optimizer),
+        train_step=train_step,
         root=jax.random.key(config.seed),
         train_dev=jnp.asarray(train_x),
         binarize=binarize,
+        run_config=config,
     )
     # The data the model will see must suit its likelihood (non-binary pixels for a Bernoulli
     # decoder, NaNs, wrong width): checked on the first batch before anything is written.
@@ -139,13 +167,30 @@ def build_job(config: TrainConfig) -> Job:
     return job
 
 
+def _estimator_and_step(config: TrainConfig, vae, mesh, optimizer) -> tuple[Callable, Callable]:
+    """The estimator a (phase's) config names and its train step, sharded over ``mesh``."""
+    from vaeml_jax import distributed
+
+    grad_fn = make_estimator(config, vae.model)
+    return grad_fn, make_train_step(distributed.data_parallel(grad_fn, mesh), optimizer)
+
+
 def describe(job: Job, run_dir: Path) -> str:
     """The line that opens a run's log."""
     c = job.config
     window = f", k={c.k}, m={c.m}, C={c.num_chains}" if c.estimator == "unbiased" else ""
+    warm = ""
+    if c.warm_start_epochs:
+        w = c.warm_start_config()
+        warm = (
+            f" after {c.warm_start_epochs} warm-start "
+            + ("epoch" if c.warm_start_epochs == 1 else "epochs")
+            + f" of {w.estimator} "
+            f"(S={w.num_particles}, lr {w.lr:g})"
+        )
     return (
-        f"vaeml train: {c.estimator} estimator (S={c.num_particles}{window}) on {c.dataset} "
-        f"({c.binarization}, {job.train_x.shape[0]} examples), {c.epochs} epochs, "
+        f"vaeml train: {c.estimator} estimator (S={c.num_particles}{window}){warm} on "
+        f"{c.dataset} ({c.binarization}, {job.train_x.shape[0]} examples), {c.epochs} epochs, "
         f"batch {c.batch_size}, lr {c.lr:g} ({c.schedule}) -> {run_dir}"
     )
 
@@ -161,6 +206,9 @@ class EpochRunner:
         ``progress_interval`` seconds. Without it the device is synchronised once per epoch, and
         once more after the first timed steps.
       log: where the estimate of the run's length goes (once, after the first timed steps).
+      end_epoch: the epoch this runner's estimate runs to (default: the run's last).
+      label: what the estimate is of (``"warm-start phase"``); default ``"total"`` or
+        ``"remaining"``.
     """
 
     def __init__(
@@ -171,8 +219,12 @@ class EpochRunner:
         progress: bool,
         progress_interval: float,
         log: Callable[[str], None],
+        end_epoch: int | None = None,
+        label: str | None = None,
     ):
         self.job = job
+        self.end_epoch = job.config.epochs if end_epoch is None else end_epoch
+        self.label = label
         self.start_epoch = start_epoch
         self.progress = progress
         self.progress_interval = progress_interval
@@ -248,9 +300,9 @@ class EpochRunner:
         """Log the run's estimated length from its first ``done`` timed steps (once)."""
         config, steps = self.job.config, self.job.steps_per_epoch
         self.seconds_per_step = seconds / done
-        epochs = config.epochs - self.start_epoch
+        epochs = self.end_epoch - self.start_epoch
         total = self.seconds_per_step * epochs * steps
-        what = "total" if self.start_epoch == 0 else "remaining"
+        what = self.label or ("total" if self.start_epoch == 0 else "remaining")
         line = (
             f"vaeml: estimated {what} {format_duration(total)} (first {done} steps: "
             f"{self.seconds_per_step:.2g} s/step, {steps} steps/epoch, {epochs} "
@@ -261,6 +313,44 @@ class EpochRunner:
         if total > 30 * 60:
             line += "; use --epochs/--max-train-examples for a quicker run"
         self.log(line)
+
+
+class PhaseRunners:
+    """The :class:`EpochRunner` of each phase of a run (warm start, main), each built when its
+    phase's first epoch comes: a run resumed in its main phase never compiles the warm start's
+    step, and each phase's length estimate is timed on its own steps."""
+
+    def __init__(self, job: Job, *, start_epoch: int, **runner_kwargs):
+        self.job = job
+        self.start_epoch = start_epoch
+        self.runner_kwargs = runner_kwargs
+        self._runners: dict[str, EpochRunner] = {}
+
+    def for_epoch(self, epoch: int) -> EpochRunner:
+        """The runner of 0-based ``epoch``'s phase."""
+        config = self.job.run_config or self.job.config
+        phase = config.phase(epoch)
+        if phase not in self._runners:
+            warm = config.warm_start_epochs
+            if phase == "warm_start":
+                start, end, label = self.start_epoch, warm, "warm-start phase"
+            else:
+                start, end = max(self.start_epoch, warm), config.epochs
+                label = "main phase" if warm else None
+            self._runners[phase] = EpochRunner(
+                self.job.for_phase(phase),
+                start_epoch=start,
+                end_epoch=end,
+                label=label,
+                **self.runner_kwargs,
+            )
+        return self._runners[phase]
+
+
+def first_bad_step(host: dict) -> int | None:
+    """The 0-based index of the first non-finite step of an epoch's metrics, None if none."""
+    bad = np.flatnonzero(~host["finite"])
+    return int(bad[0]) if bad.size else None
 
 
 def check_finite(host: dict, epoch: int, steps: int, lr: float, good: int | None, where: Path):

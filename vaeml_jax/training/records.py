@@ -8,14 +8,19 @@ JSON record; a new per-epoch statistic (a diagnostic of the meeting times, say) 
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
 
+from vaeml_jax import diagnostics
 from vaeml_jax.training.config import TrainConfig
 
 __all__ = [
     "epoch_record",
+    "epoch_diagnostics",
+    "record_summary",
+    "HealthMonitor",
     "progress_postfix",
     "format_record",
     "evaluate_during_training",
@@ -33,6 +38,8 @@ def epoch_record(
     num_devices: int = 1,
     compile_seconds: float | None = None,
     evaluation: dict[str, Any] | None = None,
+    phase: str = "main",
+    estimator: str | None = None,
 ) -> dict[str, Any]:
     """The record of 1-based ``epoch`` written to ``metrics.jsonl``.
 
@@ -42,6 +49,10 @@ def epoch_record(
       seconds: wall time of the epoch's steps (compilation excluded).
       compile_seconds: set on the epoch that compiled the step.
       evaluation: the entries of :func:`evaluate_during_training`, when the epoch evaluated.
+      phase, estimator: ``"warm_start"`` or ``"main"``, and the estimator the epoch used.
+
+    The diagnostics (:func:`epoch_diagnostics`) are JSON ``null`` where undefined (no importance
+    weights, too few lanes for the tail index), never NaN.
     """
     steps = host["bound"].shape[0]
     mt = host["meeting_time"].astype(np.float64)
@@ -62,12 +73,101 @@ def epoch_record(
         "examples_per_second": examples / seconds if seconds > 0 else float("nan"),
         "lr": lr,
         "num_devices": num_devices,
+        "phase": phase,
     }
+    if estimator is not None:
+        record["estimator"] = estimator
+    record.update(_json_floats(epoch_diagnostics(host)))
     if compile_seconds is not None:
         record["compile_seconds"] = compile_seconds
     if evaluation:
         record.update(evaluation)
     return record
+
+
+DIAGNOSTIC_KEYS = (
+    "ess_mean",
+    "log1p_chi2_mean",
+    "log_weight_std_mean",
+    "nonfinite_weight_fraction",
+    "tail_index",
+)
+
+
+def epoch_diagnostics(host: dict[str, np.ndarray]) -> dict[str, float]:
+    """:func:`vaeml_jax.diagnostics.summarize` of the epoch's steps: the numbers a custom loop gets.
+
+    Estimators without importance weights (SUMO, a custom one) report NaN ``ess``; their
+    weight statistics are then NaN too, not "every weight non-finite" (which a NaN ESS would
+    otherwise count as). Meeting times are only summarised where lanes ran (all zero otherwise).
+    """
+    ess = host.get("ess")
+    has_weights = ess is not None and bool(np.any(~np.isnan(ess)))
+    mt = host["meeting_time"]
+    out = diagnostics.summarize(
+        meeting_time=mt if np.any(mt > 0) else None,
+        capped=host["capped"],
+        ess=ess if has_weights else None,
+        log1p_chi2=host["log1p_chi2"] if has_weights else None,
+        log_weight_std=host["log_weight_std"] if has_weights else None,
+    )
+    out.pop("capped_fraction", None)  # in the record already, from the same buffer
+    return {k: out.get(k, math.nan) for k in DIAGNOSTIC_KEYS}
+
+
+def _json_floats(d: dict[str, float]) -> dict[str, float | None]:
+    """NaN and inf become None: ``metrics.jsonl`` must stay strict JSON."""
+    return {k: (float(v) if v is not None and math.isfinite(v) else None) for k, v in d.items()}
+
+
+def record_summary(record: dict[str, Any]) -> dict[str, float]:
+    """The :func:`~vaeml_jax.diagnostics.summarize` dict of a record (None back to NaN), for
+    :func:`~vaeml_jax.diagnostics.health_warnings`."""
+    keys = (*DIAGNOSTIC_KEYS, "capped_fraction")
+    return {k: math.nan if record.get(k) is None else float(record[k]) for k in keys if k in record}
+
+
+class HealthMonitor:
+    """The per-epoch health warning, throttled so a persistent problem does not flood the log.
+
+    :func:`~vaeml_jax.diagnostics.health_warnings` lines of an epoch are joined into ONE line,
+    logged the first time, again whenever the set of categories (non-finite weights, capped
+    lanes, heavy tail) changes, and otherwise at most every ``repeat_every`` epochs. An epoch
+    without warnings resets it, so a problem that comes back is reported at once.
+    """
+
+    CATEGORIES = (
+        ("nonfinite", "finite importance weight"),
+        ("capped", "iteration cap"),
+        ("tail", "tail index"),
+    )
+
+    def __init__(self, log, repeat_every: int = 10):
+        self.log = log
+        self.repeat_every = repeat_every
+        self._last: tuple[frozenset, int] | None = None
+
+    @classmethod
+    def categories(cls, lines: list[str]) -> frozenset:
+        return frozenset(
+            name for name, needle in cls.CATEGORIES if any(needle in ln for ln in lines)
+        )
+
+    def check(self, summary: dict, epoch: int, max_iters: int | None = None) -> str | None:
+        """Log (and return) the warning line of 1-based ``epoch``, or None when it is withheld."""
+        lines = diagnostics.health_warnings(summary, max_iters)
+        if not lines:
+            self._last = None
+            return None
+        cats = self.categories(lines)
+        if self._last is not None:
+            last_cats, last_epoch = self._last
+            if cats == last_cats and epoch - last_epoch < self.repeat_every:
+                return None
+        self._last = (cats, epoch)
+        line = f"vaeml: warning: epoch {epoch}: " + " | ".join(lines)
+        self.log(line)
+        return line
 
 
 def progress_postfix(
@@ -77,11 +177,18 @@ def progress_postfix(
     if done == 0:
         return {}
     mt = host["meeting_time"][:done]
-    return {
+    post = {
         "obj": f"{float(np.mean(host['bound'][:done])):.2f}",
         "ex/s": f"{done * batch_size / max(elapsed, 1e-9):.0f}",
         "tau": f"{float(mt.mean()):.2f}/{int(mt.max())}",
     }
+    ess = host.get("ess")
+    if ess is not None and np.any(np.isfinite(ess[:done])):
+        post["ess"] = f"{float(np.nanmean(ess[:done])):.1f}"
+    if np.any(mt > 0):  # the running tail index of the epoch's lanes so far
+        alpha = diagnostics.hill_tail_index(mt)
+        post["alpha"] = f"{alpha:.2f}" if math.isfinite(alpha) else "-"
+    return post
 
 
 def format_record(r: dict[str, Any], epochs: int) -> str:
@@ -92,6 +199,12 @@ def format_record(r: dict[str, Any], epochs: int) -> str:
         f"capped {r['capped_fraction']:.2%}  {r['examples_per_second']:.0f} ex/s  "
         f"{r['wall_time']:.1f}s"
     )
+    if r.get("ess_mean") is not None:
+        s += f"  ess {r['ess_mean']:.2f}"
+    if r.get("tail_index") is not None:
+        s += f"  alpha {r['tail_index']:.2f}"
+    if r.get("phase") == "warm_start":
+        s += f"  (warm start: {r.get('estimator')})"
     if "test_log_likelihood" in r:
         s += f"  test LL {r['test_log_likelihood']:.2f} (K={r['eval_num_samples']})"
     return s

@@ -15,7 +15,13 @@ import jax
 import jax.numpy as jnp
 import optax
 
-__all__ = ["TrainState", "make_train_step", "metric_shapes", "make_epoch_runner"]
+__all__ = [
+    "TrainState",
+    "make_train_step",
+    "metric_shapes",
+    "make_epoch_runner",
+    "IMPORTANCE_KEYS",
+]
 
 
 class TrainState(NamedTuple):
@@ -54,10 +60,23 @@ def make_train_step(grad_fn: Callable, optimizer: optax.GradientTransformation) 
             "meeting_time": jnp.asarray(info["meeting_time"], jnp.int32),
             "num_iters": jnp.asarray(info["num_iters"], jnp.int32),
             "capped": jnp.asarray(info["capped"], bool),
+            **_importance_metrics(info, batch.shape[0]),
         }
         return new, metrics
 
     return train_step
+
+
+IMPORTANCE_KEYS = ("ess", "log1p_chi2", "log_weight_std")
+
+
+def _importance_metrics(info: dict, batch_size: int) -> dict:
+    """The per-example importance diagnostics of ``info`` as (B,) float32 (NaN where absent), so
+    every estimator fills the same small buffers."""
+    nan = jnp.full((batch_size,), jnp.nan, jnp.float32)
+    return {
+        k: jnp.asarray(info.get(k, nan), jnp.float32).reshape(batch_size) for k in IMPORTANCE_KEYS
+    }
 
 
 def metric_shapes(grad_fn, train_step, state, batch, key) -> dict:
@@ -74,6 +93,7 @@ def metric_shapes(grad_fn, train_step, state, batch, key) -> dict:
         "meeting_time": lanes,
         "num_iters": lanes,
         "capped": jax.ShapeDtypeStruct(lanes.shape, bool),
+        **{k: jax.ShapeDtypeStruct((batch.shape[0],), jnp.float32) for k in IMPORTANCE_KEYS},
     }
 
 
