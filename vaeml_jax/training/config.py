@@ -160,6 +160,8 @@ class TrainConfig:
             estimator=self.warm_start_estimator,
             num_particles=self.warm_start_num_particles,
             encoder_objective="auto",
+            encoder_particles=None,  # options of the main phase's estimator, not the warm one's
+            rejuvenation=None,
             num_slots="auto",
             lr=self.lr if self.warm_start_lr is None else self.warm_start_lr,
             warm_start_epochs=0,
