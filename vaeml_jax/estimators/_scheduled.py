@@ -87,25 +87,24 @@ def scheduled_estimate(
     key_x0, key_y0, key_sel, key_loop = (split[..., i].reshape(L) for i in range(4))
 
     # ---- Phase 1, whole batch: X_0 ~ q^S, its h coefficient (k = 0) and the encoder objective.
-    keys_x0 = key_x0.reshape(B, C)
-    fused = encoder_objective == "iwae" and encoder_particles is None and k == m == 0
-    if fused:
-        grads0, lj0, lq0, zx = _fused_init(model, params, x, keys_x0, S, scale)
-    else:
-        grads0, lj0, lq0, zx = _separate_init(
-            model,
-            params,
-            x,
-            keys_x0,
-            S,
-            scale,
-            alpha0=coefficients_fn(0, False, k, m)[0],
-            inclusive=inclusive,
-            encoder_objective=encoder_objective if reparam_objective else None,
-            encoder_particles=encoder_particles,
-        )
+    def init_fn(p):
+        zx = jax.lax.stop_gradient(_common.sample_lanes(model, p, x, key_x0.reshape(B, C), S))
+        lj, lq = _common.eval_lanes(model, p, x, zx, inclusive)
+        enc = jnp.zeros((), lj.dtype)
+        if reparam_objective:  # X_0's draws, or K of its own (encoder_particles=K)
+            enc_keys = key_x0.reshape(B, C)
+            if encoder_particles is not None:
+                enc_keys = _common.encoder_keys(enc_keys)
+            num = S if encoder_particles is None else encoder_particles
+            enc, _ = _common.encoder_loss(model, p, x, enc_keys, num, encoder_objective)
+        return (lj, lq, enc), zx
+
+    (lj0, lq0, _), init_vjp, zx = jax.vjp(init_fn, params, has_aux=True)
     dtype = lj0.dtype
     lw_x0 = _common.safe_log_weights(lj0, lq0)
+    alpha0, _ = coefficients_fn(0, False, k, m)
+    c0 = (scale * alpha0 * normalized_weights(lw_x0)).astype(dtype)
+    (grads0,) = init_vjp((c0, c0 if inclusive else jnp.zeros_like(c0), jnp.ones((), dtype)))
     b = jax.vmap(jax.vmap(jax.random.categorical))(key_sel.reshape(B, C), lw_x0)
     b = jnp.where(jnp.all(jnp.isneginf(lw_x0), axis=-1), 0, b)
 
@@ -266,53 +265,3 @@ def compact_slots(slots: _Slots, width: int) -> _Slots:
         return slots
     order = jnp.argsort(slots.lane < 0, stable=True)[:width]
     return jax.tree.map(lambda a: a[order], slots)
-
-
-def _separate_init(
-    model, params, x, keys, S, scale, *, alpha0, inclusive, encoder_objective, encoder_particles
-):
-    """Phase 1 in general: h(X_0)'s vjp plus a separate encoder-objective pass, in one vjp.
-
-    keys (B, C). Returns (grads0, lj (B, C, S), lq (B, C, S), X_0 (B, C, S, *latent)). The
-    encoder objective (None: none) re-evaluates log p with theta frozen on X_0's draws, or on K
-    draws of its own (``encoder_particles=K``).
-    """
-
-    def init_fn(p):
-        zx = jax.lax.stop_gradient(_common.sample_lanes(model, p, x, keys, S))
-        lj, lq = _common.eval_lanes(model, p, x, zx, inclusive)
-        enc = jnp.zeros((), lj.dtype)
-        if encoder_objective is not None:
-            enc_keys = keys if encoder_particles is None else _common.encoder_keys(keys)
-            num = S if encoder_particles is None else encoder_particles
-            enc, _ = _common.encoder_loss(model, p, x, enc_keys, num, encoder_objective)
-        return (lj, lq, enc), zx
-
-    (lj, lq, _), init_vjp, zx = jax.vjp(init_fn, params, has_aux=True)
-    dtype = lj.dtype
-    c0 = (scale * alpha0 * normalized_weights(_common.safe_log_weights(lj, lq))).astype(dtype)
-    (grads0,) = init_vjp((c0, c0 if inclusive else jnp.zeros_like(c0), jnp.ones((), dtype)))
-    return grads0, lj, lq, zx
-
-
-def _fused_init(model, params, x, keys, S, scale):
-    """Phase 1 for k = m = 0 with the "iwae" encoder objective on X_0's draws: ONE pass.
-
-    Then alpha_0 = 1 and h(X_0)'s theta-coefficients scale * wbar equal the IWAE loss's
-    cotangent on log p (scale = -1/(B C), the loss is the lane mean of -log mean_s w_s). So one
-    vjp of (log p, log q) at the reparameterised z = g_phi(eps), with cotangents (c0, -c0), gives
-    h(X_0)'s theta term and the encoder's IWAE gradient together, where the general path
-    evaluates log p twice (once with theta live, once with theta frozen and z live). Same draws
-    (same keys) and the same gradient up to float summation order.
-    Returns what :func:`_separate_init` returns.
-    """
-
-    def init_fn(p):
-        z = _common.sample_lanes(model, p, x, keys, S)
-        lj, lq = _common.eval_lanes(model, p, x, z, True)
-        return (lj, lq), jax.lax.stop_gradient(z)
-
-    (lj, lq), init_vjp, zx = jax.vjp(init_fn, params, has_aux=True)
-    c0 = (scale * normalized_weights(_common.safe_log_weights(lj, lq))).astype(lj.dtype)
-    (grads0,) = init_vjp((c0, -c0))
-    return grads0, lj, lq, zx
