@@ -28,8 +28,8 @@ Targets (issue 2), checked with per-round paired ratios (median over rounds):
 1. iwae / floor <= 1.3;
 2. coupled iter / cis step <= 1.2;
 3. unbiased / ((1 + batch-max num_iters) * floor) <= 1.25;
-4. stretch: unbiased / ((1 + batch-mean num_iters) * floor) <= 1.25 (close to the mean, not the
-   max, number of iterations).
+4. (issue 11; was a 1.25 stretch goal) unbiased / ((1 + batch-mean num_iters) * floor) <= 2.0
+   (close to the mean, not the max, number of iterations).
 
 Run ``python benchmarks/estimator_cost.py --help``; ``--quick`` is a few-second smoke run.
 """
@@ -74,6 +74,7 @@ LOG_2PI = math.log(2.0 * math.pi)
 TARGET_IWAE = 1.3
 TARGET_COUPLED = 1.2
 TARGET_UNBIASED = 1.25
+TARGET_UNBIASED_MEAN = 2.0  # issue 11: t <= 2.0 (1 + batch-mean num_iters) floors
 
 
 # ----------------------------------------------------------------------------------------------
@@ -298,9 +299,15 @@ def bench_one_s(args, model, params, params_init, floor_params, batches, S: int)
     iwae = _jit_est(vj.make_iwae_grad(model, S))
     unbiased = _jit_est(vj.make_unbiased_grad(model, S, max_iters=args.max_iters))
     slots = {
-        P: _jit_est(vj.make_unbiased_grad(model, S, max_iters=args.max_iters, num_slots=P))
+        str(P): _jit_est(vj.make_unbiased_grad(model, S, max_iters=args.max_iters, num_slots=P))
         for P in args.num_slots
     }
+    for P in args.flat_slots:  # the work queue without the cascade, for comparison
+        slots[f"{P}flat"] = _jit_est(
+            vj.make_unbiased_grad(
+                model, S, max_iters=args.max_iters, num_slots=P, slot_cascade=False
+            )
+        )
 
     T1, T2 = 1, 1 + args.diff_steps
     mcmc1 = _jit_est(vj.make_mcmc_grad(model, S, num_steps=T1))
@@ -350,8 +357,8 @@ def bench_one_s(args, model, params, params_init, floor_params, batches, S: int)
             n = np.asarray(info["num_iters"])
             P = _slots_of(name)
             evals = int(info["num_log_joint_evals"])
-            if P:  # work queue: evals = B S + P (S+1) loop iterations
-                loop = (evals - n.size * S) // (int(P) * (S + 1))
+            if P:  # work queue: evals = B S + (S+1) slot-steps; "loop iters" = slot-steps / P
+                loop = (evals - n.size * S) // (_slot_count(P) * (S + 1))
             else:
                 loop = _loop_iters(info, n.size, S)
             iters[name].append(
@@ -427,7 +434,7 @@ def bench_one_s(args, model, params, params_init, floor_params, batches, S: int)
     target("coupled iter / cis step", summarize(coupled_iter / cis_step).median, TARGET_COUPLED)
     for name in call_names:
         nu = out["num_iters"][name]
-        label = CALL_LABELS[_call_kind(name)].format(P=_slots_of(name))
+        label = CALL_LABELS[_call_kind(name)].format(P=_slots_label(_slots_of(name)))
         target(
             f"{label}: t / ((1+max iters) floor)",
             nu["ratio_to_max_bound"]["median"],
@@ -436,8 +443,7 @@ def bench_one_s(args, model, params, params_init, floor_params, batches, S: int)
         target(
             f"{label}: t / ((1+mean iters) floor)",
             nu["ratio_to_mean_bound"]["median"],
-            TARGET_UNBIASED,
-            stretch=True,
+            TARGET_UNBIASED_MEAN,
         )
     return out
 
@@ -456,9 +462,19 @@ def _call_kind(name: str) -> str:
 
 
 def _slots_of(name: str) -> str:
+    """'unbiased_slots10_init' -> '10'; 'unbiased_slots10flat' -> '10flat' (no cascade)."""
     if "slots" not in name:
         return ""
     return name.split("slots")[1].split("_")[0]
+
+
+def _slot_count(tag: str) -> int:
+    return int(tag.removesuffix("flat"))
+
+
+def _slots_label(tag: str) -> str:
+    """The P of a label: '10' -> '10' (cascade), '10flat' -> '10 (no cascade)'."""
+    return f"{_slot_count(tag)} (no cascade)" if tag.endswith("flat") else tag
 
 
 # ----------------------------------------------------------------------------------------------
@@ -480,7 +496,7 @@ def _row_label(name: str) -> str:
         return ROW_LABELS[name]
     if name.startswith("coupled_iter_w"):
         return f"one coupled iteration at batch width {name[len('coupled_iter_w') :]}"
-    return CALL_LABELS[_call_kind(name)].format(P=_slots_of(name))
+    return CALL_LABELS[_call_kind(name)].format(P=_slots_label(_slots_of(name)))
 
 
 def _fmt(d: dict, digits: int = 2) -> str:
@@ -592,7 +608,15 @@ def parse_args(argv=None) -> argparse.Namespace:
         nargs="*",
         default=[25],
         metavar="P",
-        help="also time the work-queue loop with P slots (default 25; none to skip)",
+        help="also time the work-queue loop, P slots cascading to 1 (default 25; none to skip)",
+    )
+    p.add_argument(
+        "--flat-slots",
+        type=int,
+        nargs="*",
+        default=[],
+        metavar="P",
+        help="also time the work-queue loop with P slots to the end (slot_cascade=False)",
     )
     p.add_argument(
         "--width-scan",
@@ -625,6 +649,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.repeats = 2
         args.unbiased_repeats = 1
         args.num_slots = [2] if args.num_slots else []
+        args.flat_slots = [2] if args.flat_slots else []
         args.width_scan = [2] if args.width_scan else []
         args.max_iters = min(args.max_iters, 50)
         args.train_steps = min(args.train_steps, 2)
@@ -635,8 +660,10 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}.")
     if args.train_steps < 0:
         p.error(f"--train-steps must be >= 0, got {args.train_steps}.")
-    if any(p < 1 for p in args.num_slots):
-        p.error(f"--num-slots must all be >= 1, got {args.num_slots}.")
+    if any(p < 1 for p in args.num_slots + args.flat_slots):
+        p.error(
+            f"--num-slots/--flat-slots must all be >= 1, got {args.num_slots + args.flat_slots}."
+        )
     if any(s < 2 for s in args.num_particles):
         p.error(f"--num-particles must all be >= 2 (CIS needs two), got {args.num_particles}.")
     return args

@@ -30,7 +30,12 @@ def setup():
     return model, params, x
 
 
-PAIRS = [(CASES[0], 1), (CASES[0], 1000)] + [(case, 5) for case in CASES]
+# num_slots alone runs the cascade P, P/2, ..., 1 (the default); slot_cascade=False keeps P slots.
+PAIRS = (
+    [(CASES[0], 1), (CASES[0], 1000), (CASES[0], 7), (CASES[0], 24)]
+    + [(case, 5) for case in CASES]
+    + [(dict(case, slot_cascade=False), 5) for case in CASES[:3]]
+)
 
 
 @pytest.mark.parametrize("kwargs,num_slots", PAIRS)
@@ -62,7 +67,28 @@ def test_few_slots_do_less_work(setup):
     assert int(info["num_log_joint_evals"]) < 0.6 * int(i_ref["num_log_joint_evals"])
 
 
+def test_cascade_does_less_work(setup):
+    """Shrinking the slots as the queue drains evaluates fewer atoms than P slots to the end."""
+    model, params, x = setup
+    flat = vj.make_unbiased_grad(model, num_particles=3, num_slots=8, slot_cascade=False)
+    cascade = vj.make_unbiased_grad(model, num_particles=3, num_slots=8)
+    _, i_flat = flat(params, x, jax.random.key(9))
+    _, info = cascade(params, x, jax.random.key(9))
+    assert bool(jnp.all(info["num_iters"] == i_flat["num_iters"]))
+    assert int(info["num_log_joint_evals"]) < int(i_flat["num_log_joint_evals"])
+
+
+def test_stage_widths():
+    from vaeml_jax.estimators._scheduled import stage_widths
+
+    assert stage_widths(1) == (1,)
+    assert stage_widths(10) == (10, 5, 3, 2, 1)
+    assert stage_widths(16) == (16, 8, 4, 2, 1)
+
+
 def test_num_slots_validated(setup):
     model, _, _ = setup
     with pytest.raises(ValueError, match="num_slots must be >= 1"):
         vj.make_unbiased_grad(model, num_slots=0)
+    with pytest.raises(TypeError, match="slot_cascade must be a bool"):
+        vj.make_unbiased_grad(model, num_slots=4, slot_cascade=1)

@@ -11,6 +11,13 @@ The randomness of every lane is exactly that of the plain loop (same keys, same 
 coefficients), so both return the same estimate up to the order of floating-point sums: the test
 suite checks this, which makes the plain loop the reference implementation of this one.
 
+The cascade (default). Once the queue is empty the P slots drain one by one, and the last lanes
+would run at the full P-slot cost. Instead the loop is a cascade of stages of P, P/2, ..., 1 slots,
+each its own ``while_loop`` with static shapes: a stage stops when the queue is empty and its live
+lanes fit in the next stage's width, and the live slots are compacted into that width. The tail of
+the meeting times then runs at the width-1 cost. Lanes keep their keys and time indices, so the
+estimate is unchanged.
+
 Trade-off: fewer slots mean less work but more (sequential) loop iterations. On a CPU, where an
 iteration costs in proportion to its lanes, small P wins; on an accelerator an iteration of
 B*C lanes often costs little more than one of P lanes, and the plain loop is faster in wall time.
@@ -41,7 +48,7 @@ class _Slots(NamedTuple):
 class _Carry(NamedTuple):
     slots: _Slots
     next_lane: jax.Array  # () int: first lane not yet given to a slot
-    iteration: jax.Array  # () int
+    slot_steps: jax.Array  # () int: sum over loop iterations of the stage width (S+1 evals each)
     meeting_time: jax.Array  # (L,) per-lane results
     num_iters: jax.Array  # (L,)
     capped: jax.Array  # (L,)
@@ -66,8 +73,12 @@ def scheduled_estimate(
     coefficients_fn,
     atom_coefficients_fn,
     encoder_particles=None,
+    cascade=True,
 ):
-    """H_{k:m} for a batch with a P-slot work queue. Same inputs/outputs as the plain loop."""
+    """H_{k:m} for a batch with a P-slot work queue. Same inputs/outputs as the plain loop.
+
+    ``cascade=True`` shrinks the queue P, P/2, ..., 1 as it drains (:func:`stage_widths`).
+    """
     B = x.shape[0]
     L = B * C
     P = min(num_slots, L)
@@ -114,8 +125,18 @@ def scheduled_estimate(
     def needs_step(t, met):
         return ((t + 1 <= m) | ~met) & (t - 1 < max_iters)
 
-    def cond(c: _Carry):
-        return jnp.any(c.slots.lane >= 0)
+    def make_cond(next_width):
+        """Stage condition: run while lanes are live, and (if a narrower stage follows) while the
+        queue still holds lanes or the live lanes do not fit in ``next_width`` slots."""
+
+        def cond(c: _Carry):
+            live = c.slots.lane >= 0
+            if next_width is None:
+                return jnp.any(live)
+            fits = (c.next_lane >= L) & (jnp.sum(live) <= next_width)
+            return jnp.any(live) & ~fits
+
+        return cond
 
     def body(c: _Carry):
         sl = c.slots
@@ -179,7 +200,7 @@ def scheduled_estimate(
         return _Carry(
             slots=slots,
             next_lane=jnp.minimum(c.next_lane + jnp.sum(done), L),
-            iteration=c.iteration + 1,
+            slot_steps=c.slot_steps + sl.lane.shape[0],
             meeting_time=meeting_time,
             num_iters=num_iters,
             capped=capped,
@@ -199,14 +220,18 @@ def scheduled_estimate(
     carry = _Carry(
         slots=init_slots,
         next_lane=jnp.asarray(P, jnp.int32),
-        iteration=jnp.zeros((), jnp.int32),
+        slot_steps=jnp.zeros((), jnp.int32),
         meeting_time=jnp.zeros((L,), jnp.int32),
         num_iters=jnp.zeros((L,), jnp.int32),
         capped=jnp.zeros((L,), bool),
         grads=grads0,
     )
-    final = jax.lax.while_loop(cond, body, carry)
-    evals = L * S + P * (S + 1) * final.iteration + L * (encoder_particles or 0)
+    widths = stage_widths(P) if cascade else (P,)
+    for width, next_width in zip(widths, widths[1:] + (None,), strict=True):
+        carry = carry._replace(slots=compact_slots(carry.slots, width))
+        carry = jax.lax.while_loop(make_cond(next_width), body, carry)
+    final = carry
+    evals = L * S + (S + 1) * final.slot_steps + L * (encoder_particles or 0)
     info = _common.base_info(B, C, bound, evals, lw_x0)
     info.update(
         meeting_time=final.meeting_time.reshape(B, C),
@@ -214,3 +239,29 @@ def scheduled_estimate(
         capped=final.capped.reshape(B, C),
     )
     return final.grads, info
+
+
+def stage_widths(num_slots: int) -> tuple[int, ...]:
+    """Slot counts of the cascade: P, ceil(P/2), ..., 1 (e.g. 10 -> (10, 5, 3, 2, 1)).
+
+    Halving keeps the stages few (log2 P + 1 compiled loop bodies) while a stage never runs
+    with more than twice the live lanes it needs, once the queue is empty.
+    """
+    widths = [num_slots]
+    while widths[-1] > 1:
+        widths.append((widths[-1] + 1) // 2)
+    return tuple(widths)
+
+
+def compact_slots(slots: _Slots, width: int) -> _Slots:
+    """The live slots (lane >= 0) moved to the front and the state cut to ``width`` slots.
+
+    Every field is (P, ...) -> (width, ...). The caller guarantees that at most ``width`` slots
+    are live (a stage only ends when they fit), so no lane is dropped; a stable sort keeps the
+    live lanes' order. Padding slots are empty (lane -1).
+    """
+    P = slots.lane.shape[0]
+    if width == P:
+        return slots
+    order = jnp.argsort(slots.lane < 0, stable=True)[:width]
+    return jax.tree.map(lambda a: a[order], slots)

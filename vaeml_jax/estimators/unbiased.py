@@ -81,6 +81,7 @@ def make_unbiased_grad(
     num_slots: int | None = None,
     rejuvenation: Rejuvenation | None = None,
     encoder_particles: int | None = None,
+    slot_cascade: bool = True,
 ):
     r"""Build the unbiased estimator of the log-likelihood gradient.
 
@@ -123,6 +124,9 @@ def make_unbiased_grad(
         refilled as lanes finish (:mod:`vaeml_jax.estimators._scheduled`): the work then follows
         the batch-MEAN number of iterations instead of the max, best on CPUs (try P ~ B*C/4).
         Both give the same estimate for the same key, up to floating-point summation order.
+      slot_cascade: with ``num_slots``, shrink the queue to P/2, P/4, ..., 1 slots (live lanes
+        compacted) once it is empty and the live lanes fit, so that the tail of the meeting times
+        runs at the width-1 cost (default True; False keeps P slots to the end). Same estimate.
       rejuvenation: None (plain CIS) or a :class:`Rejuvenation`: between the resampling and the
         refresh, both chains' kept particles are moved by MALA with common random numbers and a
         reflection-maximal coupled random-walk step (posterior-invariant, so still unbiased), so
@@ -169,6 +173,8 @@ def make_unbiased_grad(
 
     if num_slots is not None:
         num_slots = _common.check_int("num_slots", num_slots, 1)
+    if not isinstance(slot_cascade, bool):
+        raise TypeError(f"slot_cascade must be a bool, got {slot_cascade!r}.")
     rejuvenation = _rejuvenation.check_rejuvenation(rejuvenation)
     if rejuvenation is not None and num_slots is not None:
         raise ValueError(
@@ -196,6 +202,7 @@ def make_unbiased_grad(
                 coefficients_fn=jacob_coefficients,
                 atom_coefficients_fn=_atom_coefficients,
                 encoder_particles=K if own_draws else None,
+                cascade=slot_cascade,
             )
         B = x.shape[0]
         scale = -1.0 / (B * C)  # loss = -(1/B) sum_i mean_c H_{k:m}

@@ -91,8 +91,9 @@ class TrainConfig:
     dynamically binarized MNIST, trained with the unbiased estimator H_{0:0} (S = 10 particles,
     one coupled pair per example) and an IWAE-bound encoder, Adam lr 1e-3, batch 100, 100 epochs.
 
-    ``num_slots="auto"`` resolves to B*C/4 work-queue slots on CPU and to None (the plain loop)
-    on accelerators, for the unbiased estimator (both give the same estimate for the same key).
+    ``num_slots="auto"`` resolves to B*C/4 work-queue slots (cascading to 1) on CPU and to None
+    (the plain loop) on accelerators, for the unbiased estimator (both give the same estimate for
+    the same key).
 
     ``binarization``: ``"dynamic"`` (a fresh Bernoulli draw of every pixel each epoch, on device),
     ``"static"`` (binarized once, seed 0), ``"none"`` (the intensities themselves, for a Gaussian
