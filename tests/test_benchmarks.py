@@ -75,3 +75,43 @@ def test_estimator_cost_rejects_bad_arguments():
     )
     assert proc.returncode == 2
     assert "--num-particles must all be >= 2" in proc.stderr
+
+
+@pytest.mark.slow
+def test_optimizer_study_quick_runs(data_dir, tmp_path):
+    """``benchmarks/optimizer_study.py --quick`` runs end to end: its own tiny warm start, the SGD
+    pilot, every optimizer family for both estimators, and the paired table."""
+    work = tmp_path / "opt"
+    env = dict(
+        os.environ,
+        VAEML_DATA_DIR=str(data_dir),
+        JAX_PLATFORMS="cpu",
+        XLA_FLAGS=_fast_compile.XLA_FLAGS,
+    )
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "benchmarks" / "optimizer_study.py"),
+            "--quick",
+            "--work",
+            str(work),
+            "--optimizers",
+            "adam",
+            "sgd_rm",
+            "adam_clip@5",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (work.with_name("opt_quick") / "rows.jsonl").open()]
+    trained = {(r["estimator"], r["optimizer"]) for r in rows if "test_ll" in r}
+    assert trained == {
+        (e, o) for e in ("iwae5", "unbiased5") for o in ("adam", "sgd_rm", "adam_clip@5")
+    }
+    sgd = next(r for r in rows if r["optimizer"] == "sgd_rm" and "test_ll" in r)
+    assert "test_ll_avg" in sgd and sgd["lr0"] in (0.01, 0.1)
+    assert "| unbiased5 | adam_clip@5 |" in proc.stdout
