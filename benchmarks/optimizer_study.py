@@ -173,6 +173,11 @@ def run_row(
         tau_max=float(max(r["tau_max"] for r in rows)),
         capped=float(np.mean([r["capped"] for r in rows])),
         bound_last100=float(np.mean([r["bound"] for r in rows[-100:]])),
+        # how far the parameters travelled: stalled (short) or diffusing (long, yet worse)?
+        decoder_distance=float(
+            optax.global_norm(jax.tree.map(jnp.subtract, params, params0)["decoder"])
+        ),
+        path_length=float(u.sum()),
         test_ll=float(np.mean(ll)),
         per_example_ll=[round(float(v), 4) for v in ll],
     )
@@ -342,7 +347,8 @@ def main(argv=None) -> dict:
             + f" | {d:+.2f} +- {se:.2f} | {r['grad_norm_median']:.3g} / "
             f"{r['grad_norm_p99']:.3g} / {r['grad_norm_max']:.3g} | "
             f"{r['update_norm_median']:.3g} / {r['update_norm_max']:.3g} | "
-            f"{r['evals_per_example']:.1f} |"
+            f"{r.get('path_length', float('nan')):.3g} | "
+            f"{r.get('decoder_distance', float('nan')):.3g} | {r['evals_per_example']:.1f} |"
         )
     return {"rows": trained, "diffs": diffs}
 
