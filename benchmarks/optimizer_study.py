@@ -234,6 +234,13 @@ def paired(rows: list[dict], ref: dict, key="per_example_ll") -> dict:
     return out
 
 
+def _positive(text: str) -> bool:
+    try:
+        return float(text) > 0
+    except ValueError:
+        return False
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--warm-run", type=Path, default=Path("runs/warm_start/mnist/warm_start/seed0"))
@@ -267,6 +274,18 @@ def parse_args(argv=None):
     p.add_argument("--eval-seed", type=int, default=1234)
     p.add_argument("--quick", action="store_true")
     a = p.parse_args(argv)
+    for opt in a.optimizers:
+        name, at, value = opt.partition("@")
+        ok = name in ("adam", "adam_b500", "sgd_rm", "adam_clip") and (
+            (not at and name != "adam_clip") or (at and name != "adam_b500" and _positive(value))
+        )
+        if not ok:
+            p.error(
+                f"--optimizers: {opt!r} is not one of adam, adam@LR, sgd_rm, sgd_rm@LR, "
+                "adam_b500, adam_clip@C (LR, C > 0)"
+            )
+    if unknown := set(a.estimators) - set(ESTIMATORS):
+        p.error(f"--estimators: unknown {sorted(unknown)}; choose from {sorted(ESTIMATORS)}")
     if a.quick:
         a.steps, a.pilot_steps, a.train_examples, a.eval_examples, a.eval_samples = (
             10,

@@ -115,3 +115,17 @@ def test_optimizer_study_quick_runs(data_dir, tmp_path):
     sgd = next(r for r in rows if r["optimizer"] == "sgd_rm" and "test_ll" in r)
     assert "test_ll_avg" in sgd and sgd["lr0"] in (0.01, 0.1)
     assert "| unbiased5 | adam_clip@5 |" in proc.stdout
+
+
+def test_optimizer_study_rejects_bad_arguments():
+    script = str(REPO / "benchmarks" / "optimizer_study.py")
+    for args, message in (
+        (["--optimizers", "adam_clip"], "'adam_clip' is not one of"),
+        (["--optimizers", "sgd@1e-3"], "'sgd@1e-3' is not one of"),
+        (["--estimators", "iwae7"], "unknown ['iwae7']"),
+    ):
+        proc = subprocess.run(
+            [sys.executable, script, *args], cwd=REPO, capture_output=True, text=True, timeout=120
+        )
+        assert proc.returncode == 2, proc.stderr
+        assert message in proc.stderr
