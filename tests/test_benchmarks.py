@@ -15,30 +15,30 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.slow
-def test_estimator_cost_quick_runs(data_dir, tmp_path):
-    out = tmp_path / "cost.json"
+def _run_quick(script: str, args: list[str], data_dir) -> subprocess.CompletedProcess:
+    """``benchmarks/<script> *args`` in a subprocess on the CPU with fast compilation (these smoke
+    runs are compile-bound)."""
     env = dict(
         os.environ,
         VAEML_DATA_DIR=str(data_dir),
         JAX_PLATFORMS="cpu",
-        XLA_FLAGS=_fast_compile.XLA_FLAGS,  # compile-bound
+        XLA_FLAGS=_fast_compile.XLA_FLAGS,
     )
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "benchmarks" / "estimator_cost.py"),
-            "--quick",
-            "--width-scan",
-            "2",
-            "--json",
-            str(out),
-        ],
+    return subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / script), *args],
         cwd=REPO,
         env=env,
         capture_output=True,
         text=True,
         timeout=600,
+    )
+
+
+@pytest.mark.slow
+def test_estimator_cost_quick_runs(data_dir, tmp_path):
+    out = tmp_path / "cost.json"
+    proc = _run_quick(
+        "estimator_cost.py", ["--quick", "--width-scan", "2", "--json", str(out)], data_dir
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "#### Targets" in proc.stdout
@@ -82,30 +82,8 @@ def test_optimizer_study_quick_runs(data_dir, tmp_path):
     """``benchmarks/optimizer_study.py --quick`` runs end to end: its own tiny warm start, the SGD
     pilot, every optimizer family for both estimators, and the paired table."""
     work = tmp_path / "opt"
-    env = dict(
-        os.environ,
-        VAEML_DATA_DIR=str(data_dir),
-        JAX_PLATFORMS="cpu",
-        XLA_FLAGS=_fast_compile.XLA_FLAGS,
-    )
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "benchmarks" / "optimizer_study.py"),
-            "--quick",
-            "--work",
-            str(work),
-            "--optimizers",
-            "adam",
-            "sgd_rm",
-            "adam_clip@5",
-        ],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    args = ["--quick", "--work", str(work), "--optimizers", "adam", "sgd_rm", "adam_clip@5"]
+    proc = _run_quick("optimizer_study.py", args, data_dir)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = [json.loads(line) for line in (work.with_name("opt_quick") / "rows.jsonl").open()]
     trained = {(r["estimator"], r["optimizer"]) for r in rows if "test_ll" in r}
