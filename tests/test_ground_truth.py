@@ -212,3 +212,99 @@ def test_quadrature_matches_importance_sampling(data_dir):
     c_grad = stats.norm.isf(1e-3 / (2 * zs_grad.size))
     assert np.max(np.abs(zs_ll)) < c_ll, zs_ll
     assert np.max(np.abs(zs_grad)) < c_grad, np.max(np.abs(zs_grad))
+
+
+# ------------------------------------------------------------------------------------------------
+# Logistic factor model (1-D latent, linear decoder): exact ML fit by quadrature
+# ------------------------------------------------------------------------------------------------
+
+# 100 images: with 40 a pixel is separable by z and the ML fit runs off to ||W|| = infinity.
+LFA_N, LFA_SEEDS, LFA_STEPS, LFA_LR = 100, 8, 600, 0.02
+
+
+def _lfa_deviations(estimator, start, x, ref, seeds):
+    """(R, 2): (||W||^2, mean b) of each seed's Polyak-averaged decoder minus the ML fit's."""
+    opt = optax.sgd(G.robbins_monro(LFA_LR))
+
+    def one(key):
+        return G.fit(estimator, start, x, opt, LFA_STEPS, key, record_every=LFA_STEPS).averaged
+
+    averaged = jax.jit(jax.vmap(one))(jax.random.split(jax.random.key(0), seeds))
+
+    def identified(dec):  # invariant under z -> -z (W -> -W), the model's only symmetry
+        return jnp.stack([jnp.sum(dec[0]["w"] ** 2, axis=(-2, -1)), jnp.mean(dec[0]["b"], -1)], -1)
+
+    return np.asarray(identified(averaged["decoder"]), np.float64) - np.asarray(
+        identified(ref["decoder"]), np.float64
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bug", [None, "no_correction"])
+def test_lfa_unbiased_training_stays_at_ml_fit_and_iwae_leaves_it(bug, data_dir, monkeypatch):
+    r"""The 1-D-latent logistic factor model on real images: the same check as the pPCA test.
+
+    Set-up: the first 100 statically binarized MNIST images OR-pooled to 7x7 (pixels that vary),
+    decoder logits W z + b, proposal N(mu_phi(x), 1) (fixed width: it cannot match posteriors of
+    std ~0.2-0.5), exact log p(x) on a 100-point grid over [-6, 6]. The ML fit theta* is the
+    exact-gradient run (full-batch Adam, Robbins-Monro step, 6,000 steps: its exact gradient is
+    checked to vanish). From theta* each method runs 600 full-batch SGD steps with the step
+    LFA_LR / (1 + t/100)^0.6, R = 8 seeds, and the Polyak average of the last half. SGD, not
+    Adam: Adam's update is not linear in the gradient, so even unbiased but skewed, heavy-tailed
+    gradients need not keep its fixed point at theta* (with Adam, t on mean b was -3.2 in one run).
+
+    Threshold, as for pPCA: the identified quantities (||W||^2, mean b) of each seed's averaged
+    iterate minus theta*'s are i.i.d. across seeds with mean e_opt (the exact-gradient run from
+    theta*, asserted below a fifth of the noise SE) if the gradients are unbiased, so
+    max_j |t_j| < t_{R-1}^{-1}(1 - ALPHA / 4) holds with probability >= 1 - ALPHA. IWAE-2, whose
+    fixed point maximises its bound, must exceed REJECT_FACTOR times that bound; so must the
+    planted bias (H_{0:0} without its correction sum).
+    """
+    x = G.downsampled_binarized_mnist(LFA_N, data_dir, size=7)
+    mean = x.mean(0)
+    x = jnp.asarray(x[:, (mean > 0) & (mean < 1)])
+    gt = G.grid_vae(G.uniform_grid(1, 100, 6.0), proposal_std=1.0)
+    exact = G.make_exact_grad(gt)
+    init = G.grid_vae_init(jax.random.key(0), x.shape[1], 1, 0, 16)
+    opt = optax.adam(G.robbins_monro(0.05, 500.0))
+    ml = G.fit(exact, init, x, opt, 6000, jax.random.key(1), record_every=6000).params
+    g, _ = exact(ml, x)
+    assert max(float(jnp.max(jnp.abs(a))) for a in jax.tree.leaves(g["decoder"])) < 1e-3
+
+    c = float(stats.t.isf(ALPHA / 4, LFA_SEEDS - 1))
+    e_opt = _lfa_deviations(exact, ml, x, ml, seeds=1)[0]
+    if bug == "no_correction":
+        original = unbiased_module.jacob_coefficients
+
+        def no_correction(t, met, k, m):
+            alpha, beta = original(t, met, k, m)
+            return alpha - beta, jnp.zeros_like(beta)
+
+        monkeypatch.setattr(unbiased_module, "jacob_coefficients", no_correction)
+    unbiased = make_unbiased_grad(gt.model, num_particles=S_UNBIASED, num_slots=10)
+    dev = _lfa_deviations(unbiased, ml, x, ml, LFA_SEEDS)
+    se = dev.std(0, ddof=1) / np.sqrt(LFA_SEEDS)
+    t = dev.mean(0) / se
+    assert np.all(np.abs(e_opt) < 0.2 * se), (e_opt, se)
+    if bug is not None:
+        assert np.max(np.abs(t)) > REJECT_FACTOR * c, f"plant not caught: t={t} vs c={c:.2f}"
+        return
+    assert np.max(np.abs(t)) < c, f"unbiased training left the ML fit: t={t}, c={c:.2f}"
+    iwae = _lfa_deviations(make_iwae_grad(gt.model, S_IWAE), ml, x, ml, LFA_SEEDS)
+    bias_in_se = np.abs(iwae.mean(0)) / se
+    assert np.max(bias_in_se) > REJECT_FACTOR * c, f"IWAE-{S_IWAE} bias not visible: {bias_in_se}"
+
+
+def test_grid_vae_options_are_validated_and_shaped():
+    """A linear decoder (hidden = 0) and a fixed-width proposal: shapes, and bad values named."""
+    p = G.grid_vae_init(jax.random.key(0), 6, 1, 0, 4)
+    assert [layer["w"].shape for layer in p["decoder"]] == [(1, 6)]
+    assert [layer["w"].shape for layer in p["encoder"]] == [(6, 4), (4, 2)]
+    gt = G.grid_vae(G.uniform_grid(1, 50, 6.0), proposal_std=0.5)
+    x = jnp.ones((6,))
+    z = gt.model.sample_proposal(p, x, jax.random.key(1), 2000)
+    assert abs(float(jnp.std(z)) - 0.5) < 0.05
+    with pytest.raises(ValueError, match="proposal_std"):
+        G.grid_vae(G.uniform_grid(1, 50, 6.0), proposal_std=0.0)
+    with pytest.raises(ValueError, match="hidden"):
+        G.grid_vae_init(jax.random.key(0), 6, 1, -1)

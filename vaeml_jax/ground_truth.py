@@ -340,13 +340,17 @@ def _mlp(layers, h):
     return h
 
 
-def grid_vae(grid: QuadratureGrid) -> GroundTruth:
+def grid_vae(grid: QuadratureGrid, proposal_std: float | None = None) -> GroundTruth:
     r"""A VAE with a low-dimensional latent whose log-likelihood is exact by quadrature.
 
     p(z) = N(0, I_d); p_\theta(x | z) = \prod_j Bernoulli(x_j; \sigma(f_\theta(z)_j)) with f an MLP
     (tanh hidden layers); q_\phi(z | x) = N(\mu_\phi(x), diag \sigma_\phi(x)^2), an MLP emitting
     (\mu, \log\sigma). params = ``{"decoder": [layers], "encoder": [layers]}``, each layer
     ``{"w", "b"}`` (see :func:`grid_vae_init`).
+
+    ``proposal_std`` = sigma0 fixes \sigma_\phi(x) = sigma0 (the encoder's log-sigma output is
+    ignored): a proposal that cannot match posteriors narrower than sigma0, so that the bounds'
+    bias is visible (as with pPCA's fixed-variance encoder).
 
     ``log_likelihood(params, x)`` for x (B, D) binary is
     logsumexp_g [x \cdot f(z_g) - \sum_j softplus(f(z_g)_j) + \log w_g]: the decoder runs once on
@@ -358,9 +362,14 @@ def grid_vae(grid: QuadratureGrid) -> GroundTruth:
         lik = jnp.sum(x * logits - jax.nn.softplus(logits))
         return lik - 0.5 * jnp.sum(z**2) - 0.5 * z.shape[-1] * _LOG_2PI
 
+    if proposal_std is not None and not proposal_std > 0:
+        raise ValueError(f"proposal_std must be > 0 (or None: learned), got {proposal_std}.")
+
     def _q(params, x):
         out = _mlp(params["encoder"], x)
         d = out.shape[-1] // 2
+        if proposal_std is not None:
+            return out[:d], jnp.full_like(out[d:], math.log(proposal_std))
         return out[:d], out[d:]
 
     def sample_proposal(params, x, key, num):
@@ -376,14 +385,30 @@ def grid_vae(grid: QuadratureGrid) -> GroundTruth:
         return grid_vae_log_likelihood(params, x, grid)
 
     model = LatentVariableModel(log_joint, sample_proposal, log_proposal)
+    q = "" if proposal_std is None else f", sigma0={proposal_std:g}"
     return GroundTruth(
-        model, log_likelihood, f"grid_vae[d={grid.z.shape[-1]}, G={grid.z.shape[0]}]"
+        model, log_likelihood, f"grid_vae[d={grid.z.shape[-1]}, G={grid.z.shape[0]}{q}]"
     )
 
 
-def grid_vae_init(key: Array, data_dim: int, latent_dim: int = 2, hidden: int = 64) -> Params:
-    """Glorot-normal MLPs for :func:`grid_vae`: decoder d -> hidden -> D, encoder D -> hidden -> 2d;
-    biases zero except the encoder's log-sigma bias at -1 (q starts narrower than the prior)."""
+def grid_vae_init(
+    key: Array,
+    data_dim: int,
+    latent_dim: int = 2,
+    hidden: int = 64,
+    encoder_hidden: int | None = None,
+) -> Params:
+    """Glorot-normal MLPs for :func:`grid_vae`: decoder d -> hidden -> D, encoder
+    D -> encoder_hidden -> 2d (default ``hidden``, or 32 when ``hidden = 0``); biases zero except
+    the encoder's log-sigma bias at -1 (q starts narrower than the prior).
+
+    ``hidden = 0`` makes the decoder linear, logits = W z + b: a logistic factor model, whose
+    maximum-likelihood problem on a few hundred images is well posed (an MLP decoder keeps raising
+    log p(x) for >10^4 steps as it memorises the images, so "the optimum" is never reached).
+    """
+    if hidden < 0:
+        raise ValueError(f"hidden must be >= 0 (0: a linear decoder), got {hidden}.")
+    enc_hidden = encoder_hidden if encoder_hidden is not None else (hidden or 32)
 
     def layer(k, n_in, n_out):
         return {
@@ -392,8 +417,11 @@ def grid_vae_init(key: Array, data_dim: int, latent_dim: int = 2, hidden: int = 
         }
 
     k = jax.random.split(key, 4)
-    dec = [layer(k[0], latent_dim, hidden), layer(k[1], hidden, data_dim)]
-    enc = [layer(k[2], data_dim, hidden), layer(k[3], hidden, 2 * latent_dim)]
+    if hidden:
+        dec = [layer(k[0], latent_dim, hidden), layer(k[1], hidden, data_dim)]
+    else:
+        dec = [layer(k[1], latent_dim, data_dim)]
+    enc = [layer(k[2], data_dim, enc_hidden), layer(k[3], enc_hidden, 2 * latent_dim)]
     enc[1]["b"] = enc[1]["b"].at[latent_dim:].set(-1.0)
     return {"decoder": dec, "encoder": enc}
 
