@@ -68,6 +68,11 @@ Settings (what each preset runs; flags override single values):
   warm compilation cache).
 * ``--preset long`` (a GPU): the same on all 60,000 MNIST images, 100 warm-start epochs + 100,
   K = 5000 on the whole test set, AIS (1,000 temperatures) on 100 images. ``--plan`` prints it.
+* ``--preset long_cpu`` (2 CPU cores, about 45 min per seed): all 60,000 MNIST images, IWAE-5 for
+  20 epochs (12,000 steps, lr 1e-3), then 5 epochs (3,000 steps) at lr 3e-5 (the unbiased
+  continuation's best measured step, ``optimizer_study.py``) of IWAE-5, unbiased S = 5 and the
+  compute-matched IWAE; K = 5000 on the whole test set, AIS (1,000 temperatures, 16 chains) on 100
+  images of seed 0, in-training IS (K = 500, 1,000 images) after every continuation epoch.
 
 Outputs in ``--out`` (default ``runs/reproduce``): one run directory per (dataset, label, seed) as
 written by ``vaeml_jax.train`` plus its ``result.json`` (a finished run is reused when the script
@@ -270,8 +275,33 @@ PRESETS = {
         latent_dim=50,
         checkpoint_every=5,
     ),
+    "long_cpu": dict(  # part 4b at the largest scale 2 CPU cores hold in a session or two
+        datasets=["mnist"],
+        max_train_examples=None,
+        warm_epochs=20,  # 12,000 IWAE-5 steps
+        warm_particles=5,
+        warm_lr=1e-3,
+        continue_epochs=5,  # 3,000 steps
+        lr=3e-5,  # the best measured step for the unbiased continuation (optimizer study)
+        batch_size=100,
+        schedule="constant",
+        seeds=[0, 1, 2],
+        continuations=[["iwae5", "iwae", 5], ["unbiased5", "unbiased", 5]],
+        matched=["unbiased5"],
+        curve_examples=1000,
+        curve_samples=500,
+        eval_examples=None,  # the whole test set
+        eval_samples=5000,
+        ais_examples=100,
+        ais_steps=1000,
+        ais_chains=16,
+        ais_seeds=1,
+        hidden=[200, 200],
+        latent_dim=50,
+        checkpoint_every=1,
+    ),
 }
-WARM_PRESETS = ("warm_start", "long")
+WARM_PRESETS = ("warm_start", "long", "long_cpu")
 
 
 def machine_info() -> dict:
@@ -780,10 +810,10 @@ def parse_args(argv=None):
     g.add_argument("--quick", action="store_true", help="smoke run: tiny model, one seed")
     p.add_argument(
         "--preset",
-        choices=["cpu", "full", "warm_start", "long"],
+        choices=["cpu", "full", *WARM_PRESETS],
         help="cpu (default), full (= --full), warm_start (a shared IWAE warm start, then each "
-        "estimator from it; with --quick its smoke version) or long (warm_start on all of MNIST "
-        "for a GPU)",
+        "estimator from it; with --quick its smoke version), long (warm_start on all of MNIST "
+        "for a GPU) or long_cpu (all of MNIST at CPU scale)",
     )
     p.add_argument("--warm-epochs", type=int, help="warm-start presets: IWAE epochs (shared)")
     p.add_argument("--continue-epochs", type=int, help="warm-start presets: epochs after it")
@@ -835,7 +865,7 @@ def parse_args(argv=None):
             setattr(a, name, value)
     if a.datasets is None:
         a.datasets = list(DATASETS)
-    a.warm = a.preset in ("warm_start", "warm_start_quick", "long")
+    a.warm = a.preset in (*WARM_PRESETS, "warm_start_quick")
     if a.warm:
         if a.warm_epochs < 1 or a.continue_epochs < 1:
             p.error("--warm-epochs and --continue-epochs must be >= 1.")

@@ -213,3 +213,8 @@ def test_warm_start_and_long_presets_plan(capsys):
     assert all(r["max_train_examples"] is None and r["eval_examples"] is None for r in long)
     assert {r["epochs"] for r in long if r["label"] != "warm_start"} == {200}
     assert "| mnist | unbiased10 | 0 | 10 | 100 | 200 |" in capsys.readouterr().out
+    cpu = reproduce.main(["--preset", "long_cpu", "--plan", "--compilation-cache", ""])["plan"]
+    labels = ["warm_start", "iwae5", "unbiased5", "iwae_matched_unbiased5"]
+    assert [r["label"] for r in cpu if r["seed"] == 0] == labels
+    assert all(r["max_train_examples"] is None and r["eval_examples"] is None for r in cpu)
+    assert {(r["epochs"], r["lr"]) for r in cpu if r["label"] != "warm_start"} == {(25, 3e-5)}
