@@ -68,7 +68,7 @@ Settings (what each preset runs; flags override single values):
   warm compilation cache).
 * ``--preset long`` (a GPU): the same on all 60,000 MNIST images, 100 warm-start epochs + 100,
   K = 5000 on the whole test set, AIS (1,000 temperatures) on 100 images. ``--plan`` prints it.
-* ``--preset long_cpu`` (2 CPU cores, about 45 min per seed): all 60,000 MNIST images, IWAE-5 for
+* ``--preset long_cpu`` (2 CPU cores, about an hour per seed): all 60,000 MNIST images, IWAE-5 for
   20 epochs (12,000 steps, lr 1e-3), then 5 epochs (3,000 steps) at lr 3e-5 (the unbiased
   continuation's best measured step, ``optimizer_study.py``) of IWAE-5, unbiased S = 5 and the
   compute-matched IWAE; K = 5000 on the whole test set, AIS (1,000 temperatures, 16 chains) on 100
