@@ -78,6 +78,18 @@ def test_ppca_ml_fit_is_a_stationary_point_and_maximum():
     assert np.all(np.asarray(perturbed(jax.random.split(jax.random.key(10), 5))) < ll)
 
 
+def _plant_no_correction(monkeypatch):
+    """The planted bias: jacob_coefficients without its correction, so H_{0:0} = h(X_0), the
+    IWAE-S gradient of the chains' start."""
+    original = unbiased_module.jacob_coefficients
+
+    def no_correction(t, met, k, m):
+        alpha, beta = original(t, met, k, m)
+        return alpha - beta, jnp.zeros_like(beta)
+
+    monkeypatch.setattr(unbiased_module, "jacob_coefficients", no_correction)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("bug", [None, "no_correction"])
 def test_unbiased_training_reaches_ml_fit_and_iwae_does_not(bug, monkeypatch):
@@ -112,13 +124,7 @@ def test_unbiased_training_reaches_ml_fit_and_iwae_does_not(bug, monkeypatch):
     exact = _averaged_deviations(G.make_exact_grad(gt), true, x, phi_star, seeds=1)[0]
 
     if bug == "no_correction":
-        original = unbiased_module.jacob_coefficients
-
-        def no_correction(t, met, k, m):
-            alpha, beta = original(t, met, k, m)
-            return alpha - beta, jnp.zeros_like(beta)
-
-        monkeypatch.setattr(unbiased_module, "jacob_coefficients", no_correction)
+        _plant_no_correction(monkeypatch)
     unbiased = make_unbiased_grad(gt.model, num_particles=S_UNBIASED, k=0, m=0)
     dev = _averaged_deviations(unbiased, true, x, phi_star)
     se = dev.std(0, ddof=1) / np.sqrt(SEEDS)
@@ -273,13 +279,7 @@ def test_lfa_unbiased_training_stays_at_ml_fit_and_iwae_leaves_it(bug, data_dir,
     c = float(stats.t.isf(ALPHA / 4, LFA_SEEDS - 1))
     e_opt = _lfa_deviations(exact, ml, x, ml, seeds=1)[0]
     if bug == "no_correction":
-        original = unbiased_module.jacob_coefficients
-
-        def no_correction(t, met, k, m):
-            alpha, beta = original(t, met, k, m)
-            return alpha - beta, jnp.zeros_like(beta)
-
-        monkeypatch.setattr(unbiased_module, "jacob_coefficients", no_correction)
+        _plant_no_correction(monkeypatch)
     unbiased = make_unbiased_grad(gt.model, num_particles=S_UNBIASED, num_slots=10)
     dev = _lfa_deviations(unbiased, ml, x, ml, LFA_SEEDS)
     se = dev.std(0, ddof=1) / np.sqrt(LFA_SEEDS)
