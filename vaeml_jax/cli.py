@@ -158,7 +158,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="total epochs (default 100; 3280 with --schedule iwae)",
     )
     g.add_argument("--batch-size", type=_positive_int, help="minibatch size (default 100)")
-    g.add_argument("--lr", type=float, help="Adam learning rate (default 1e-3)")
+    g.add_argument(
+        "--lr",
+        type=float,
+        help="Adam learning rate (default 1e-3; 3e-5 after the unbiased estimator's warm start)",
+    )
     g.add_argument(
         "--schedule",
         help="constant (default) or iwae (8 stages of 3^(i-1) epochs, lr*10^(-(i-1)/7))",
@@ -169,7 +173,10 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,  # range checked by TrainConfig: one `vaeml: error:` line
         metavar="N",
         help="train the first N of --epochs with --warm-start-estimator, then go on with "
-        "--estimator from the same parameters and Adam state (default 0: no warm start)",
+        "--estimator from the same parameters and Adam state (default: for the unbiased "
+        "estimator the measured recipe, 4/5 of the epochs with IWAE-5 at 1e-3, then the unbiased "
+        "gradient at lr 3e-5; 0 for the others; giving --warm-start-epochs, --lr, --warm-start-lr "
+        "or --schedule turns the recipe off: 0 then means no warm start)",
     )
     g.add_argument("--warm-start-estimator", help="iwae (default) or elbo")
     g.add_argument(
@@ -252,8 +259,10 @@ def build_parser() -> argparse.ArgumentParser:
 # Commands
 # ------------------------------------------------------------------------------------------------
 def _resolve_train_config(args: argparse.Namespace):
-    """Defaults < stored config (with --resume) < --config FILE < command-line flags."""
-    from vaeml_jax.train import TrainConfig, read_config
+    """``(config, out, recipe)``: defaults < stored config (with --resume) < --config FILE <
+    command-line flags; then, for a fresh run that set none of ``RECIPE_FIELDS``, the unbiased
+    estimator's measured warm-start recipe (``recipe`` says whether it was applied)."""
+    from vaeml_jax.train import RECIPE_FIELDS, TrainConfig, read_config, with_measured_recipe
 
     given = vars(args).copy()
     for key in ("command", "out", "config", "resume", "no_progress", "distributed"):
@@ -276,18 +285,26 @@ def _resolve_train_config(args: argparse.Namespace):
                 setattr(args, key, file_cfg[key])
             file_cfg.pop(key, None)
     out = getattr(args, "out", None)
+    stored = None
     if getattr(args, "resume", False) and out is not None:
         stored = read_config(out)
         if stored is not None:
             cfg = stored
     cfg = TrainConfig.from_dict(file_cfg, base=cfg)
     cfg = TrainConfig.from_dict(given, base=cfg)
+    chosen = {k.replace("-", "_") for k in (*given, *file_cfg)}
+    recipe = stored is None and not chosen & set(RECIPE_FIELDS)  # a fresh run on the defaults
+    if recipe:
+        cfg = with_measured_recipe(cfg)
+        recipe = cfg.warm_start_epochs > 0
     if out is None:
         out = f"runs/{cfg.dataset}-{cfg.estimator}-s{cfg.seed}"
-    return cfg, Path(out)
+    return cfg, Path(out), recipe
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
     from vaeml_jax.train import train
 
     if getattr(args, "distributed", False):
@@ -303,10 +320,27 @@ def cmd_train(args: argparse.Namespace) -> int:
             )
         jax.distributed.initialize(**kwargs)
 
-    cfg, out = _resolve_train_config(args)
+    cfg, out, recipe = _resolve_train_config(args)
     resume = bool(getattr(args, "resume", False))
     cfg = cfg.resolved()
-    res = train(cfg, out, resume=resume, progress=not getattr(args, "no_progress", False))
+    notes = []  # printed after train's opening line, i.e. once the run has been accepted
+    if recipe:
+        notes.append(
+            f"vaeml train: the unbiased estimator's measured recipe (benchmarks/RESULTS.md): "
+            f"{cfg.warm_start_num_particles}-particle {cfg.warm_start_estimator.upper()} for "
+            f"{cfg.warm_start_epochs} of {cfg.epochs} epochs at lr {cfg.warm_start_lr:g}, then "
+            f"unbiased gradients at lr {cfg.lr:g}; --warm-start-epochs 0 trains with unbiased "
+            "gradients from the first step"
+        )
+
+    def log(line: str) -> None:
+        tqdm.write(line, file=sys.stderr)
+        while notes:
+            tqdm.write(notes.pop(0), file=sys.stderr)
+
+    res = train(
+        cfg, out, resume=resume, progress=not getattr(args, "no_progress", False), log=log
+    )
     m = res["metrics"]
     line = f"trained {res['epoch']} epochs into {out}"
     if m is not None:

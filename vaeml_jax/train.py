@@ -46,11 +46,13 @@ from vaeml_jax.training.config import (  # noqa: F401 (re-exported constants)
     IWAE_SCHEDULE_EPOCHS,
     IWAE_SCHEDULE_STAGES,
     LIKELIHOODS,
+    RECIPE_FIELDS,
     RESUMABLE_FIELDS,
     SCHEDULES,
     ConfigError,
     TrainConfig,
     available_estimators,
+    with_measured_recipe,
 )
 from vaeml_jax.training.loop import (
     EpochRunner,
@@ -103,6 +105,7 @@ __all__ = [
     "RunDirError",
     "TrainingDiverged",
     "available_estimators",
+    "with_measured_recipe",
     "iwae_learning_rate",
     "learning_rate",
     "make_optimizer",
