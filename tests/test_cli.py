@@ -195,16 +195,23 @@ def _resolve(*argv):
 def test_plain_train_uses_the_measured_warm_start_recipe_unless_told_otherwise(tmp_path):
     cfg, _, recipe = _resolve()  # the main job
     assert recipe and cfg.estimator == "unbiased" and cfg.epochs == 100
-    assert (cfg.warm_start_epochs, cfg.warm_start_estimator, cfg.warm_start_num_particles) == (
-        80, "iwae", 5)
+    warm = (cfg.warm_start_epochs, cfg.warm_start_estimator, cfg.warm_start_num_particles)
+    assert warm == (80, "iwae", 5)
     assert (cfg.warm_start_lr, cfg.lr) == (1e-3, 3e-5)
     assert _resolve("--epochs", 10)[0].warm_start_epochs == 8
     # any recipe field given by the user turns it off: the flags mean what they say
-    for flags in (["--warm-start-epochs", 0], ["--lr", 1e-4], ["--warm-start-lr", 1e-3],
-                  ["--schedule", "constant"]):
+    for flags in (
+        ["--warm-start-epochs", 0],
+        ["--lr", 1e-4],
+        ["--warm-start-lr", 1e-3],
+        ["--schedule", "constant"],
+    ):
         cfg, _, recipe = _resolve(*flags)
-        assert not recipe and cfg.warm_start_epochs == 0 and cfg.lr == (
-            1e-4 if flags[0] == "--lr" else 1e-3), flags
+        assert (
+            not recipe
+            and cfg.warm_start_epochs == 0
+            and cfg.lr == (1e-4 if flags[0] == "--lr" else 1e-3)
+        ), flags
     cfg, _, recipe = _resolve("--warm-start-epochs", 3, "--epochs", 5)
     assert not recipe and (cfg.warm_start_epochs, cfg.lr, cfg.warm_start_lr) == (3, 1e-3, None)
     f = tmp_path / "c.json"  # in a config file too

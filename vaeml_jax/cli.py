@@ -338,9 +338,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         while notes:
             tqdm.write(notes.pop(0), file=sys.stderr)
 
-    res = train(
-        cfg, out, resume=resume, progress=not getattr(args, "no_progress", False), log=log
-    )
+    res = train(cfg, out, resume=resume, progress=not getattr(args, "no_progress", False), log=log)
     m = res["metrics"]
     line = f"trained {res['epoch']} epochs into {out}"
     if m is not None:
