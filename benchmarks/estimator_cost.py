@@ -308,6 +308,12 @@ def bench_one_s(args, model, params, params_init, floor_params, batches, S: int)
                 model, S, max_iters=args.max_iters, num_slots=P, slot_cascade=False
             )
         )
+    for P in args.eager_slots:  # the cascade without deferred backward passes, for comparison
+        slots[f"{P}eager"] = _jit_est(
+            vj.make_unbiased_grad(
+                model, S, max_iters=args.max_iters, num_slots=P, deferred_backward=False
+            )
+        )
 
     T1, T2 = 1, 1 + args.diff_steps
     mcmc1 = _jit_est(vj.make_mcmc_grad(model, S, num_steps=T1))
@@ -357,7 +363,9 @@ def bench_one_s(args, model, params, params_init, floor_params, batches, S: int)
             n = np.asarray(info["num_iters"])
             P = _slots_of(name)
             evals = int(info["num_log_joint_evals"])
-            if P:  # work queue: evals = B S + (S+1) slot-steps; "loop iters" = slot-steps / P
+            # work queue: evals = B S + (S+1) (slot-steps + deferred rows re-evaluated);
+            # "loop iters" = those rows / P
+            if P:
                 loop = (evals - n.size * S) // (_slot_count(P) * (S + 1))
             else:
                 loop = _loop_iters(info, n.size, S)
@@ -462,19 +470,25 @@ def _call_kind(name: str) -> str:
 
 
 def _slots_of(name: str) -> str:
-    """'unbiased_slots10_init' -> '10'; 'unbiased_slots10flat' -> '10flat' (no cascade)."""
+    """'unbiased_slots10_init' -> '10'; 'unbiased_slots10flat' -> '10flat' (no cascade);
+    '10eager' (no deferred backward)."""
     if "slots" not in name:
         return ""
     return name.split("slots")[1].split("_")[0]
 
 
 def _slot_count(tag: str) -> int:
-    return int(tag.removesuffix("flat"))
+    return int(tag.removesuffix("flat").removesuffix("eager"))
 
 
 def _slots_label(tag: str) -> str:
-    """The P of a label: '10' -> '10' (cascade), '10flat' -> '10 (no cascade)'."""
-    return f"{_slot_count(tag)} (no cascade)" if tag.endswith("flat") else tag
+    """The P of a label: '10' -> '10' (cascade), '10flat' -> '10 (no cascade)', '10eager' ->
+    '10 (no deferred backward)'."""
+    if tag.endswith("flat"):
+        return f"{_slot_count(tag)} (no cascade)"
+    if tag.endswith("eager"):
+        return f"{_slot_count(tag)} (no deferred backward)"
+    return tag
 
 
 # ----------------------------------------------------------------------------------------------
@@ -521,7 +535,8 @@ def markdown_tables(result: dict) -> str:
         lines.append("")
         lines.append(
             "| call | batch-mean num_iters | batch-max num_iters (largest) | capped lanes | "
-            "masked lane-iters (plain loop) | loop iters | ms / loop iter | "
+            "masked lane-iters (plain loop) | loop iters (queue: evaluated rows / P) | "
+            "ms / loop iter | "
             "t / ((1+max) floor) | t / ((1+mean) floor) |"
         )
         lines.append("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
@@ -619,6 +634,15 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="also time the work-queue loop with P slots to the end (slot_cascade=False)",
     )
     p.add_argument(
+        "--eager-slots",
+        type=int,
+        nargs="*",
+        default=[],
+        metavar="P",
+        help="also time the P-slot cascade with a backward pass every iteration "
+        "(deferred_backward=False)",
+    )
+    p.add_argument(
         "--width-scan",
         type=int,
         nargs="*",
@@ -650,6 +674,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.unbiased_repeats = 1
         args.num_slots = [2] if args.num_slots else []
         args.flat_slots = [2] if args.flat_slots else []
+        args.eager_slots = [2] if args.eager_slots else []
         args.width_scan = [2] if args.width_scan else []
         args.max_iters = min(args.max_iters, 50)
         args.train_steps = min(args.train_steps, 2)
@@ -660,10 +685,9 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}.")
     if args.train_steps < 0:
         p.error(f"--train-steps must be >= 0, got {args.train_steps}.")
-    if any(p < 1 for p in args.num_slots + args.flat_slots):
-        p.error(
-            f"--num-slots/--flat-slots must all be >= 1, got {args.num_slots + args.flat_slots}."
-        )
+    slot_counts = args.num_slots + args.flat_slots + args.eager_slots
+    if any(p < 1 for p in slot_counts):
+        p.error(f"--num-slots/--flat-slots/--eager-slots must all be >= 1, got {slot_counts}.")
     if any(s < 2 for s in args.num_particles):
         p.error(f"--num-particles must all be >= 2 (CIS needs two), got {args.num_particles}.")
     return args

@@ -35,6 +35,7 @@ PAIRS = (
     [(CASES[0], 1), (CASES[0], 1000), (CASES[0], 7), (CASES[0], 24)]
     + [(case, 5) for case in CASES]
     + [(dict(case, slot_cascade=False), 5) for case in CASES[:3]]
+    + [(dict(case, deferred_backward=False), 5) for case in CASES[:3]]
 )
 
 
@@ -58,7 +59,8 @@ def test_few_slots_do_less_work(setup):
     """The point of the queue: evaluations follow the mean, not the max, number of iterations."""
     model, params, x = setup
     plain = vj.make_unbiased_grad(model, num_particles=3)
-    sched = vj.make_unbiased_grad(model, num_particles=3, num_slots=4)
+    # forward and backward per atom (no deferred backward, whose second evaluation is counted)
+    sched = vj.make_unbiased_grad(model, num_particles=3, num_slots=4, deferred_backward=False)
     _, i_ref = plain(params, x, jax.random.key(9))
     _, info = sched(params, x, jax.random.key(9))
     mean_iters = float(jnp.mean(i_ref["num_iters"]))
@@ -70,12 +72,32 @@ def test_few_slots_do_less_work(setup):
 def test_cascade_does_less_work(setup):
     """Shrinking the slots as the queue drains evaluates fewer atoms than P slots to the end."""
     model, params, x = setup
-    flat = vj.make_unbiased_grad(model, num_particles=3, num_slots=8, slot_cascade=False)
-    cascade = vj.make_unbiased_grad(model, num_particles=3, num_slots=8)
+    flat = vj.make_unbiased_grad(
+        model, num_particles=3, num_slots=8, slot_cascade=False, deferred_backward=False
+    )
+    cascade = vj.make_unbiased_grad(model, num_particles=3, num_slots=8, deferred_backward=False)
     _, i_flat = flat(params, x, jax.random.key(9))
     _, info = cascade(params, x, jax.random.key(9))
     assert bool(jnp.all(info["num_iters"] == i_flat["num_iters"]))
     assert int(info["num_log_joint_evals"]) < int(i_flat["num_log_joint_evals"])
+
+
+def test_deferred_backward_counts_its_second_evaluation(setup):
+    """One slot: every row is deferred, so each lane-iteration's S+1 atoms are evaluated twice,
+    plus at most one partly filled buffer's padding rows."""
+    from vaeml_jax.estimators._scheduled import buffer_rows
+
+    model, params, x = setup
+    S = 3
+    now = vj.make_unbiased_grad(model, num_particles=S, num_slots=1, deferred_backward=False)
+    deferred = vj.make_unbiased_grad(model, num_particles=S, num_slots=1)
+    _, i_now = now(params, x, jax.random.key(9))
+    _, info = deferred(params, x, jax.random.key(9))
+    rows = int(jnp.sum(i_now["num_iters"] + 1))  # lane-iterations
+    extra = int(info["num_log_joint_evals"]) - int(i_now["num_log_joint_evals"])
+    assert extra % (S + 1) == 0
+    assert rows <= extra // (S + 1) < rows + buffer_rows(S)
+    assert rows > buffer_rows(S)  # the buffer filled and was flushed inside the loop
 
 
 def test_stage_widths():
@@ -92,3 +114,5 @@ def test_num_slots_validated(setup):
         vj.make_unbiased_grad(model, num_slots=0)
     with pytest.raises(TypeError, match="slot_cascade must be a bool"):
         vj.make_unbiased_grad(model, num_slots=4, slot_cascade=1)
+    with pytest.raises(TypeError, match="deferred_backward must be a bool"):
+        vj.make_unbiased_grad(model, num_slots=4, deferred_backward="yes")
