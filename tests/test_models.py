@@ -214,6 +214,64 @@ def test_sample_proposal_is_reparameterised(kw):
         np.testing.assert_allclose(gs["encoder"]["q_z1"]["loc"]["bias"], 4.0, rtol=1e-6)
 
 
+def _perturbed(vae, seed=7):
+    """Initial params plus noise, so that no layer is at a symmetric (zero) point."""
+    params = vae.init(jax.random.key(0))
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    pairs = zip(leaves, keys, strict=True)
+    noisy = [a + 0.3 * jax.random.normal(k, a.shape, a.dtype) for a, k in pairs]
+    return jax.tree.unflatten(tree, noisy)
+
+
+HOOK_CASES = [TINY, TINY2, dict(TINY, encoder="full_cov"), dict(TINY, encoder="iaf")]
+
+
+@pytest.mark.parametrize("kw", HOOK_CASES, ids=["one", "two", "full_cov", "iaf"])
+def test_sample_with_log_proposal_has_the_two_functions_values_and_derivatives(kw):
+    """The one-pass hook the estimators use must be sample_proposal then log_proposal: same
+    draws, same log q, and the same parameter derivative of any function of the two."""
+    vae = build_vae(**kw)
+    model = vae.model
+    assert model.sample_with_log_proposal is not None
+    params = _perturbed(vae)
+    x = _x()[0]
+    key = jax.random.key(3)
+    a = jax.random.normal(jax.random.key(4), (5, vae.latent_dim))
+    b = jax.random.normal(jax.random.key(5), (5,))
+
+    def two_passes(p):
+        z = model.sample_proposal(p, x, key, 5)
+        lq = jax.vmap(lambda zz: model.log_proposal(p, x, zz))(z)
+        return jnp.sum(a * z) + jnp.sum(b * lq), (z, lq)
+
+    def one_pass(p):
+        z, lq = model.sample_with_log_proposal(p, x, key, 5)
+        return jnp.sum(a * z) + jnp.sum(b * lq), (z, lq)
+
+    (v2, (z2, lq2)), g2 = jax.value_and_grad(two_passes, has_aux=True)(params)
+    (v1, (z1, lq1)), g1 = jax.value_and_grad(one_pass, has_aux=True)(params)
+    np.testing.assert_array_equal(z1, z2)
+    np.testing.assert_allclose(lq1, lq2, rtol=1e-5, atol=1e-5)
+    for u, w in zip(jax.tree.leaves(g1), jax.tree.leaves(g2), strict=True):
+        np.testing.assert_allclose(u, w, rtol=1e-4, atol=1e-5)
+    assert max(float(jnp.max(jnp.abs(u))) for u in jax.tree.leaves(g1["encoder"])) > 1e-3
+
+
+def test_estimators_give_the_same_gradients_with_and_without_the_one_pass_hook():
+    vae = build_vae(**TINY2)
+    params = _perturbed(vae)
+    x = _x(batch=6)
+    plain = vae.model._replace(sample_with_log_proposal=None)
+    # the fused bound (theta and phi in one pass) and the unbiased estimator's encoder objective
+    for make in (lambda m: vj.make_iwae_grad(m, 4), lambda m: vj.make_unbiased_grad(m, 3)):
+        g1, i1 = make(vae.model)(params, x, jax.random.key(2))
+        g2, i2 = make(plain)(params, x, jax.random.key(2))
+        assert bool(jnp.all(i1["num_iters"] == i2["num_iters"]))
+        for u, w in zip(jax.tree.leaves(g1), jax.tree.leaves(g2), strict=True):
+            np.testing.assert_allclose(u, w, rtol=1e-4, atol=1e-5)
+
+
 def test_decoder_bias_initialised_to_logit_of_mean():
     vae = build_vae(**TINY)
     mean = np.array([0.0, 1e-5, 0.2, 0.5, 0.9, 1.0])

@@ -101,6 +101,8 @@ def test_model_must_be_a_latent_variable_model(name):
         FACTORIES[name](tuple(model))
     with pytest.raises(TypeError, match=r"LatentVariableModel.log_proposal must be callable"):
         FACTORIES[name](model._replace(log_proposal=None))
+    with pytest.raises(TypeError, match=r"sample_with_log_proposal must be callable"):
+        FACTORIES[name](model._replace(sample_with_log_proposal="yes"))
 
 
 # --------------------------------------------------------------------------- call / trace time
@@ -118,7 +120,18 @@ def _ignores_num(model):
     )
 
 
+def _hook_without_log_q(model):
+    """A one-pass hook that forgets to return log q."""
+    return model._replace(
+        sample_with_log_proposal=lambda p, x, key, num: model.sample_proposal(p, x, key, num)
+    )
+
+
 BAD_MODELS = [
+    (
+        _hook_without_log_q,
+        r"sample_with_log_proposal\(params, x, key, num\) must return \(z, log_q\)",
+    ),
     (_vector_log_joint, r"model.log_joint\(params, x, z\) must return a scalar .* shape \(3,\)"),
     (_vector_log_proposal, r"model.log_proposal\(params, x, z\) must return a scalar"),
     (

@@ -362,6 +362,7 @@ class VAE:
             log_joint=self.log_joint,
             sample_proposal=self.sample_proposal,
             log_proposal=self.log_proposal,
+            sample_with_log_proposal=self.sample_with_log_proposal,
         )
 
     def __repr__(self) -> str:
@@ -482,16 +483,26 @@ class VAE:
     ) -> tuple[Array, Array]:
         """``num`` reparameterised draws and their log q(z|x) from the FORWARD pass.
 
-        Returns (z (num, latent_dim), log q (num,)). For the IAF this avoids the d-pass inverse
-        that :meth:`log_proposal` needs; the draws equal ``sample_proposal(params, x, key, num)``.
+        Returns (z (num, latent_dim), log q (num,)); the draws equal
+        ``sample_proposal(params, x, key, num)``. log q comes from the noise (Gaussian layers:
+        log N(eps; 0, I) - sum log sigma), so the encoder runs once, not again in
+        :meth:`log_proposal`; for the IAF this also avoids the d-pass inverse.
         """
         self._check_one("sample_with_log_proposal", x)
         enc = self._encoder(params)
+        k1, k2 = jax.random.split(key)  # the keys sample_proposal uses, for the same eps
         if self.config.encoder == "diag":
-            z = self.sample_proposal(params, x, key, num)
-            lq = jax.vmap(lambda zz: self.log_proposal(params, x, zz))(z)
-            return z, lq
-        k1, _ = jax.random.split(key)  # the diagonal encoder's first key, for the same eps
+            loc, log_scale = enc.q_z1(x)
+            eps = jax.random.normal(k1, (num, *loc.shape), loc.dtype)
+            z1 = loc + jnp.exp(log_scale) * eps
+            lq = _std_normal_log_prob(eps) - jnp.sum(log_scale)
+            if not self.config.two_layer:
+                return z1, lq
+            loc2, log_scale2 = enc.q_z2(z1)
+            eps2 = jax.random.normal(k2, loc2.shape, loc2.dtype)
+            z2 = loc2 + jnp.exp(log_scale2) * eps2
+            lq = lq + _std_normal_log_prob(eps2) - jnp.sum(log_scale2, axis=-1)
+            return jnp.concatenate([z1, z2], axis=-1), lq
         eps = jax.random.normal(k1, (num, self.latent_dim), self._dtype)
         return enc.q_z1.sample(x, eps)
 

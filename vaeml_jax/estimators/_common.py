@@ -98,6 +98,21 @@ def sample_lanes(model: LatentVariableModel, params, x, keys, num: int):
     return jax.vmap(per_chain)(x, keys)
 
 
+def sample_lanes_with_log_q(model: LatentVariableModel, params, x, keys, num: int):
+    """Draws (B, C, num, *latent) as :func:`sample_lanes` and their log q (B, C, num).
+
+    One pass through the proposal with ``model.sample_with_log_proposal`` when the model has it;
+    else ``sample_proposal`` then ``log_proposal`` (same values and derivatives, two passes).
+    """
+    if model.sample_with_log_proposal is None:
+        z = sample_lanes(model, params, x, keys, num)
+        return z, eval_lanes(model, params, x, z)[1]
+    per_chain = jax.vmap(
+        lambda xi, k: model.sample_with_log_proposal(params, xi, k, num), in_axes=(None, 0)
+    )
+    return jax.vmap(per_chain)(x, keys)
+
+
 def eval_lanes(model: LatentVariableModel, params, x, particles, proposal_grad: bool = True):
     """log p(x_i, z) and log q(z | x_i) for particles (B, C, P, *latent) -> two (B, C, P) arrays.
 
@@ -171,13 +186,15 @@ def encoder_loss(
     """
     if not freeze_theta and objective not in ("elbo", "iwae"):
         raise ValueError(f"encoder objective {objective!r} is defined with theta frozen only.")
-    z = sample_lanes(model, params, x, keys, num)
+    if objective == "iwae_dreg":  # log q at the differentiable z, the proposal's params stopped
+        z = sample_lanes(model, params, x, keys, num)
+        _, lq = eval_lanes(model, params, x, z, proposal_grad=False)
+    else:
+        z, lq = sample_lanes_with_log_q(model, params, x, keys, num)
     frozen = jax.lax.stop_gradient(params) if freeze_theta else params
     lj = jax.vmap(
         jax.vmap(jax.vmap(lambda xi, zz: model.log_joint(frozen, xi, zz), (None, 0)), (None, 0))
     )(x, z)
-    # DReG: log q at the differentiable z with the proposal's parameters stopped.
-    _, lq = eval_lanes(model, params, x, z, proposal_grad=objective != "iwae_dreg")
     lw = safe_log_weights(lj, lq)
     if objective == "elbo":
         loss = -jnp.mean(lw, axis=-1)
