@@ -268,3 +268,18 @@ def test_evaluate_dict_no_recompile_and_errors():
         E.ais_log_likelihood(MODEL, params, x, 0)
     with pytest.raises(TypeError, match="LatentVariableModel"):
         E.importance_log_likelihood((MODEL.log_joint,), params, x, key)
+
+
+@pytest.mark.parametrize("encoder", ["diag", "iaf"])
+def test_is_estimate_is_the_same_with_the_one_pass_proposal_hook(encoder):
+    """With sample_with_log_proposal log q comes with the draw (no IAF inversion): same numbers."""
+    from vaeml_jax.models import build_vae
+
+    vae = build_vae(data_dim=6, hidden=(5,), latent_dim=3, encoder=encoder)
+    params = vae.init(jax.random.key(0))
+    x = (jax.random.uniform(jax.random.key(1), (5, 6)) < 0.4).astype(jnp.float32)
+    plain = vae.model._replace(sample_with_log_proposal=None)
+    kw = dict(num_samples=30, chunk_size=7, batch_size=4)
+    one_pass = E.importance_log_likelihood(vae.model, params, x, jax.random.key(2), **kw)
+    two_pass = E.importance_log_likelihood(plain, params, x, jax.random.key(2), **kw)
+    np.testing.assert_allclose(one_pass, two_pass, rtol=1e-5, atol=1e-4)

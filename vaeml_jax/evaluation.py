@@ -133,17 +133,21 @@ def _batched(fn, x, keys, batch_size: int) -> Array:
     return jnp.concatenate(out)[:n]
 
 
-def _draw(model, params, xi, key, idx):
-    """Latents z_k = sample_proposal(params, x, fold_in(key, k), 1)[0] for k in idx: (len, *z)."""
+def _sampled_log_w(model, params, xi, key, idx):
+    """log w_k = log p(x, z_k) - log q(z_k | x) at z_k = sample_proposal(params, x,
+    fold_in(key, k), 1)[0] for k in idx: (len,); NaN mapped to -inf (weight zero).
+
+    log q comes with the draw when the model has ``sample_with_log_proposal`` (no flow inversion
+    for an IAF), else from ``log_proposal``.
+    """
     keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(idx)
-    return jax.vmap(lambda k: model.sample_proposal(params, xi, k, 1)[0])(keys)
-
-
-def _log_w(model, params, xi, z):
-    """log p(x, z_k) - log q(z_k | x) for z (S, *latent); NaN mapped to -inf (weight zero)."""
-    lj = jax.vmap(model.log_joint, (None, None, 0))(params, xi, z)
-    lq = jax.vmap(model.log_proposal, (None, None, 0))(params, xi, z)
-    lw = lj - lq
+    if model.sample_with_log_proposal is None:
+        z = jax.vmap(lambda k: model.sample_proposal(params, xi, k, 1)[0])(keys)
+        lq = jax.vmap(model.log_proposal, (None, None, 0))(params, xi, z)
+    else:
+        z, lq = jax.vmap(lambda k: model.sample_with_log_proposal(params, xi, k, 1))(keys)
+        z, lq = z[:, 0], lq[:, 0]
+    lw = jax.vmap(model.log_joint, (None, None, 0))(params, xi, z) - lq
     return jnp.where(jnp.isnan(lw), -jnp.inf, lw)
 
 
@@ -159,16 +163,14 @@ def _is_batch(model, params, x, keys, num_samples: int, chunk_size: int) -> Arra
         def body(carry, c):
             run_max, run_sum = carry  # log sum_k w_k = run_max + log run_sum
             idx = c * chunk_size + jnp.arange(chunk_size)
-            lw = _log_w(model, params, xi, _draw(model, params, xi, ki, idx))
+            lw = _sampled_log_w(model, params, xi, ki, idx)
             lw = jnp.where(idx < num_samples, lw, -jnp.inf)  # the last chunk may overhang K
             new_max = jnp.maximum(run_max, jnp.max(lw))
             safe = jnp.where(jnp.isfinite(new_max), new_max, 0.0)  # all -inf so far: no rescale
             run_sum = run_sum * jnp.exp(run_max - safe) + jnp.sum(jnp.exp(lw - safe))
             return (new_max, run_sum), None
 
-        dtype = jax.eval_shape(
-            lambda: _log_w(model, params, xi, _draw(model, params, xi, ki, idx0))
-        ).dtype
+        dtype = jax.eval_shape(lambda: _sampled_log_w(model, params, xi, ki, idx0)).dtype
         init = (jnp.asarray(-jnp.inf, dtype), jnp.asarray(0.0, dtype))
         (m, s), _ = jax.lax.scan(body, init, jnp.arange(num_chunks))
         return m + jnp.log(s) - math.log(num_samples)
@@ -217,7 +219,7 @@ def importance_log_likelihood(
 def _elbo_batch(model, params, x, keys, num_samples: int) -> Array:
     def one(xi, ki):
         idx = jnp.arange(num_samples)
-        return jnp.mean(_log_w(model, params, xi, _draw(model, params, xi, ki, idx)))
+        return jnp.mean(_sampled_log_w(model, params, xi, ki, idx))
 
     return jax.vmap(one)(x, keys)
 
