@@ -7,18 +7,16 @@ same meeting times and the same estimate), one call each per round in a rotated 
 per-call ratio t(variant) / t(first variant) is summarised by its median and IQR. The absolute
 t / ((1 + batch-mean iters) floor) of each variant is printed too (floor timed in the same round).
 
-A variant is a comma-separated spec, e.g. ``slots=25,defer=4,fuse=1,hook=1`` (the library default
-on CPU):
+A variant is a comma-separated spec, e.g. ``slots=25,defer=4,hook=1`` (the library default on
+CPU):
 
 * ``slots``: ``num_slots`` (the cascade P, P/2, ..., 1);
 * ``defer``: stages of at most this many slots run forward passes only and batch their backward
   passes (``vaeml_jax.estimators._scheduled.DEFER_AT_MOST``; 0 = none, i.e.
   ``deferred_backward=False``);
-* ``fuse``: 1 = one backward pass for h(X_0) and the IWAE encoder objective at k = m = 0
-  (``_scheduled.FUSE_IWAE_PHASE_ONE``), 0 = two passes;
 * ``hook``: 1 = the library VAE's one-pass ``sample_with_log_proposal``, 0 = the model without it.
 
-The module constants are set before each variant is traced (each variant is its own jitted
+The module constant is set before each variant is traced (each variant is its own jitted
 function), so one process compares them side by side. ``--iwae-hook`` also compares the IWAE-S
 gradient with and without the hook.
 
@@ -46,7 +44,7 @@ from _timing import summarize  # noqa: E402
 import vaeml_jax as vj  # noqa: E402
 from vaeml_jax.estimators import _scheduled  # noqa: E402
 
-DEFAULTS = dict(slots=25, defer=_scheduled.DEFER_AT_MOST, fuse=1, hook=1)
+DEFAULTS = dict(slots=25, defer=_scheduled.DEFER_AT_MOST, hook=1)
 
 
 def parse_variant(spec: str) -> dict:
@@ -69,13 +67,13 @@ def build(model, S: int, v: dict, max_iters: int, example: tuple):
     est = vj.make_unbiased_grad(
         m, S, num_slots=v["slots"], deferred_backward=v["defer"] > 0, max_iters=max_iters
     )
-    saved = (_scheduled.DEFER_AT_MOST, _scheduled.FUSE_IWAE_PHASE_ONE)
-    _scheduled.DEFER_AT_MOST, _scheduled.FUSE_IWAE_PHASE_ONE = v["defer"], bool(v["fuse"])
+    saved = _scheduled.DEFER_AT_MOST
+    _scheduled.DEFER_AT_MOST = v["defer"]
     try:
         fn = jax.jit(lambda p, x, k: est(p, x, k))
         return fn.lower(*example).compile()
     finally:
-        _scheduled.DEFER_AT_MOST, _scheduled.FUSE_IWAE_PHASE_ONE = saved
+        _scheduled.DEFER_AT_MOST = saved
 
 
 def main(argv=None) -> None:
