@@ -46,7 +46,7 @@ import numpy as np
 from jax.scipy.special import logsumexp
 
 from vaeml_jax.estimators._common import as_key, check_int
-from vaeml_jax.model import LatentVariableModel, check_batch, check_model
+from vaeml_jax.model import LatentVariableModel, check_batch, check_model, sample_and_log_proposal
 
 __all__ = [
     "importance_log_likelihood",
@@ -141,12 +141,8 @@ def _sampled_log_w(model, params, xi, key, idx):
     for an IAF), else from ``log_proposal``.
     """
     keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(idx)
-    if model.sample_with_log_proposal is None:
-        z = jax.vmap(lambda k: model.sample_proposal(params, xi, k, 1)[0])(keys)
-        lq = jax.vmap(model.log_proposal, (None, None, 0))(params, xi, z)
-    else:
-        z, lq = jax.vmap(lambda k: model.sample_with_log_proposal(params, xi, k, 1))(keys)
-        z, lq = z[:, 0], lq[:, 0]
+    z, lq = jax.vmap(lambda k: sample_and_log_proposal(model, params, xi, k, 1))(keys)
+    z, lq = z[:, 0], lq[:, 0]
     lw = jax.vmap(model.log_joint, (None, None, 0))(params, xi, z) - lq
     return jnp.where(jnp.isnan(lw), -jnp.inf, lw)
 

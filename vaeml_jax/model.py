@@ -14,7 +14,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["LatentVariableModel", "log_weights", "check_model", "check_batch"]
+__all__ = [
+    "LatentVariableModel",
+    "log_weights",
+    "sample_and_log_proposal",
+    "check_model",
+    "check_batch",
+]
 
 Array = jax.Array
 Params = Any
@@ -64,6 +70,18 @@ def log_weights(model: LatentVariableModel, params: Params, x: Array, particles:
     lw = lj - lq
     lw = jnp.where(jnp.isnan(lw), -jnp.inf, lw)
     return lj, lq, lw
+
+
+def sample_and_log_proposal(model: LatentVariableModel, params: Params, x: Array, key, num: int):
+    """``num`` draws z ~ q(.|x) for one example and their log q: ((num, *latent), (num,)).
+
+    One pass with ``model.sample_with_log_proposal`` when the model has it; else
+    ``sample_proposal`` then ``log_proposal`` at the draws (same values and derivatives).
+    """
+    if model.sample_with_log_proposal is not None:
+        return model.sample_with_log_proposal(params, x, key, num)
+    z = model.sample_proposal(params, x, key, num)
+    return z, jax.vmap(model.log_proposal, in_axes=(None, None, 0))(params, x, z)
 
 
 def check_model(model: Any) -> LatentVariableModel:

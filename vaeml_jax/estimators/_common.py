@@ -13,7 +13,7 @@ from jax.scipy.special import logsumexp
 
 from vaeml_jax import diagnostics
 from vaeml_jax.cis import normalized_weights
-from vaeml_jax.model import LatentVariableModel, check_batch
+from vaeml_jax.model import LatentVariableModel, check_batch, sample_and_log_proposal
 
 ENCODER_OBJECTIVES = ("elbo", "iwae", "inclusive_kl", "iwae_dreg", "chi2")
 # Objectives computed by :func:`encoder_loss` on reparameterised draws z = g_phi(eps).
@@ -99,16 +99,10 @@ def sample_lanes(model: LatentVariableModel, params, x, keys, num: int):
 
 
 def sample_lanes_with_log_q(model: LatentVariableModel, params, x, keys, num: int):
-    """Draws (B, C, num, *latent) as :func:`sample_lanes` and their log q (B, C, num).
-
-    One pass through the proposal with ``model.sample_with_log_proposal`` when the model has it;
-    else ``sample_proposal`` then ``log_proposal`` (same values and derivatives, two passes).
-    """
-    if model.sample_with_log_proposal is None:
-        z = sample_lanes(model, params, x, keys, num)
-        return z, eval_lanes(model, params, x, z)[1]
+    """Draws (B, C, num, *latent) as :func:`sample_lanes` and their log q (B, C, num), in one
+    pass when the model has ``sample_with_log_proposal`` (:func:`sample_and_log_proposal`)."""
     per_chain = jax.vmap(
-        lambda xi, k: model.sample_with_log_proposal(params, xi, k, num), in_axes=(None, 0)
+        lambda xi, k: sample_and_log_proposal(model, params, xi, k, num), in_axes=(None, 0)
     )
     return jax.vmap(per_chain)(x, keys)
 
