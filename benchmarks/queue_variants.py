@@ -7,14 +7,17 @@ same meeting times and the same estimate), one call each per round in a rotated 
 per-call ratio t(variant) / t(first variant) is summarised by its median and IQR. The absolute
 t / ((1 + batch-mean iters) floor) of each variant is printed too (floor timed in the same round).
 
-A variant is a comma-separated spec, e.g. ``slots=25,defer=4,hook=1`` (the library default on
-CPU):
+A variant is a comma-separated spec, e.g. ``slots=25,defer=4,hook=1,features=1`` (the library
+default on CPU):
 
 * ``slots``: ``num_slots`` (the cascade P, P/2, ..., 1);
 * ``defer``: stages of at most this many slots run forward passes only and batch their backward
   passes (``vaeml_jax.estimators._scheduled.DEFER_AT_MOST``; 0 = none, i.e.
   ``deferred_backward=False``);
-* ``hook``: 1 = the library VAE's one-pass ``sample_with_log_proposal``, 0 = the model without it.
+* ``hook``: 1 = the library VAE's one-pass ``sample_with_log_proposal``, 0 = the model without it;
+* ``features``: 1 = the VAE's ``proposal_features`` / ``sample_from_features`` pair (the queue
+  draws from the encoder output computed once per example), 0 = the model without the pair (the
+  queue runs the encoder on each slot's example every iteration).
 
 The module constant is set before each variant is traced (each variant is its own jitted
 function), so one process compares them side by side. ``--iwae-hook`` also compares the IWAE-S
@@ -44,7 +47,7 @@ from _timing import summarize  # noqa: E402
 import vaeml_jax as vj  # noqa: E402
 from vaeml_jax.estimators import _scheduled  # noqa: E402
 
-DEFAULTS = dict(slots=25, defer=_scheduled.DEFER_AT_MOST, hook=1)
+DEFAULTS = dict(slots=25, defer=_scheduled.DEFER_AT_MOST, hook=1, features=1)
 
 
 def parse_variant(spec: str) -> dict:
@@ -64,6 +67,8 @@ def build(model, S: int, v: dict, max_iters: int, example: tuple):
     """unbiased_grad for variant ``v``, compiled now (under the variant's constants) for
     arguments shaped like ``example`` = (params, x, key)."""
     m = model if v["hook"] else model._replace(sample_with_log_proposal=None)
+    if not v["features"]:
+        m = m._replace(proposal_features=None, sample_from_features=None)
     est = vj.make_unbiased_grad(
         m, S, num_slots=v["slots"], deferred_backward=v["defer"] > 0, max_iters=max_iters
     )

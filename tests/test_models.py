@@ -227,13 +227,22 @@ def _perturbed(vae, seed=7):
 HOOK_CASES = [TINY, TINY2, dict(TINY, encoder="full_cov"), dict(TINY, encoder="iaf")]
 
 
+@pytest.mark.parametrize("hook", ["sample_with_log_proposal", "sample_from_features"])
 @pytest.mark.parametrize("kw", HOOK_CASES, ids=["one", "two", "full_cov", "iaf"])
-def test_sample_with_log_proposal_has_the_two_functions_values_and_derivatives(kw):
-    """The one-pass hook the estimators use must be sample_proposal then log_proposal: same
-    draws, same log q, and the same parameter derivative of any function of the two."""
+def test_one_pass_hooks_have_the_two_functions_values_and_derivatives(kw, hook):
+    """The one-pass hooks the estimators use (``sample_with_log_proposal``, and
+    ``sample_from_features`` at ``proposal_features``) must be sample_proposal then
+    log_proposal: same draws, same log q, and the same parameter derivative of any function of
+    the two."""
     vae = build_vae(**kw)
     model = vae.model
-    assert model.sample_with_log_proposal is not None
+    if hook == "sample_with_log_proposal":
+        one_pass_fn = model.sample_with_log_proposal
+    else:
+
+        def one_pass_fn(p, x, key, num):
+            return model.sample_from_features(p, model.proposal_features(p, x), key, num)
+
     params = _perturbed(vae)
     x = _x()[0]
     key = jax.random.key(3)
@@ -246,7 +255,7 @@ def test_sample_with_log_proposal_has_the_two_functions_values_and_derivatives(k
         return jnp.sum(a * z) + jnp.sum(b * lq), (z, lq)
 
     def one_pass(p):
-        z, lq = model.sample_with_log_proposal(p, x, key, 5)
+        z, lq = one_pass_fn(p, x, key, 5)
         return jnp.sum(a * z) + jnp.sum(b * lq), (z, lq)
 
     (v2, (z2, lq2)), g2 = jax.value_and_grad(two_passes, has_aux=True)(params)

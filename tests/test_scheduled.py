@@ -55,16 +55,35 @@ def test_scheduled_equals_plain_loop(setup, kwargs, num_slots):
     assert jnp.allclose(info["bound"], i_ref["bound"])
 
 
-def test_scheduled_equals_plain_loop_for_a_vae_with_the_one_pass_hook():
-    """The library VAE (with its one-pass hook in the encoder objective): same selections and
-    the same estimate in the queue, its cascade and its deferred stages, as in the plain loop."""
+NO_FEATURES = dict(proposal_features=None, sample_from_features=None)
+# name: (VAE config, model fields replaced, estimator options)
+VAE_VARIANTS = {
+    "hooks": ({}, {}, {}),
+    "no_proposal_features": ({}, NO_FEATURES, {}),
+    "no_hooks": ({}, dict(NO_FEATURES, sample_with_log_proposal=None), {}),
+    "two_layers_inclusive_kl": (
+        dict(latent1_dim=4, hidden2=(8,)),
+        {},
+        dict(encoder_objective="inclusive_kl"),
+    ),
+}
+
+
+@pytest.mark.parametrize("variant", list(VAE_VARIANTS))
+def test_scheduled_equals_plain_loop_for_a_vae(variant):
+    """The library VAE: same selections and the same estimate in the queue, its cascade and its
+    deferred stages, as in the plain loop; with the model's hooks (the queue draws from the
+    cached encoder output and carries log q), without them, and with inclusive_kl (log q
+    re-evaluated for its gradient)."""
     from vaeml_jax.models import build_vae
 
-    vae = build_vae(data_dim=20, hidden=(16,), latent_dim=4)
+    config, change, kw = VAE_VARIANTS[variant]
+    vae = build_vae(data_dim=20, hidden=(16,), latent_dim=4, **config)
+    model = vae.model._replace(**change)
     params = vae.init(jax.random.key(0))
     x = (jax.random.uniform(jax.random.key(1), (32, 20)) < 0.4).astype(jnp.float32)
-    g_ref, i_ref = jax.jit(vj.make_unbiased_grad(vae.model, 5))(params, x, jax.random.key(2))
-    g, info = jax.jit(vj.make_unbiased_grad(vae.model, 5, num_slots=3))(
+    g_ref, i_ref = jax.jit(vj.make_unbiased_grad(model, 5, **kw))(params, x, jax.random.key(2))
+    g, info = jax.jit(vj.make_unbiased_grad(model, 5, num_slots=3, **kw))(
         params, x, jax.random.key(2)
     )
     assert int(jnp.max(i_ref["num_iters"])) > 3  # the cascade and the deferred stages ran

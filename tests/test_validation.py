@@ -103,6 +103,8 @@ def test_model_must_be_a_latent_variable_model(name):
         FACTORIES[name](model._replace(log_proposal=None))
     with pytest.raises(TypeError, match=r"sample_with_log_proposal must be callable"):
         FACTORIES[name](model._replace(sample_with_log_proposal="yes"))
+    with pytest.raises(TypeError, match=r"proposal_features was given without its partner"):
+        FACTORIES[name](model._replace(proposal_features=lambda p, x: x))
 
 
 # --------------------------------------------------------------------------- call / trace time
@@ -127,7 +129,20 @@ def _hook_without_log_q(model):
     )
 
 
+def _features_hook_with_wrong_count(model):
+    """A features pair whose sampler ignores ``num`` (and forgets log q)."""
+    return model._replace(
+        proposal_features=lambda p, x: x,
+        sample_from_features=lambda p, f, key, num: model.sample_proposal(p, f, key, 1),
+    )
+
+
 BAD_MODELS = [
+    (
+        _features_hook_with_wrong_count,
+        r"sample_from_features\(params, proposal_features\(params, x\), key, num\) must return "
+        r"\(z, log_q\)",
+    ),
     (
         _hook_without_log_q,
         r"sample_with_log_proposal\(params, x, key, num\) must return \(z, log_q\)",

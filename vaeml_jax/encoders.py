@@ -125,7 +125,12 @@ class FullCovGaussianMLP(nnx.Module):
 
     def sample(self, x: Array, eps: Array) -> tuple[Array, Array]:
         """z = mu + L eps for eps (num, d); returns (z (num, d), log q(z|x) (num,))."""
-        loc, L = self(x)
+        return self.sample_from(self(x), eps)
+
+    @staticmethod
+    def sample_from(features: tuple[Array, Array], eps: Array) -> tuple[Array, Array]:
+        """:meth:`sample` given ``features = self(x)`` = (mu, L): no pass through the trunk."""
+        loc, L = features
         z = loc + eps @ L.T
         lq = _std_normal_log_prob(eps) - jnp.sum(jnp.log(jnp.diagonal(L)))
         return z, lq
@@ -215,7 +220,11 @@ class IAFGaussianMLP(nnx.Module):
 
     def sample(self, x: Array, eps: Array) -> tuple[Array, Array]:
         """Forward flow for eps (num, d): returns (z_T (num, d), log q(z_T|x) (num,))."""
-        loc, log_scale, h = self.base(x)
+        return self.sample_from(self.base(x), eps)
+
+    def sample_from(self, features: tuple[Array, Array, Array], eps: Array) -> tuple[Array, Array]:
+        """:meth:`sample` given ``features = self.base(x)``: the flow, no pass through the trunk."""
+        loc, log_scale, h = features
         z = loc + jnp.exp(log_scale) * eps
         lq = _std_normal_log_prob(eps) - jnp.sum(log_scale)
         for t in range(self.num_steps):

@@ -18,6 +18,7 @@ __all__ = [
     "LatentVariableModel",
     "log_weights",
     "sample_and_log_proposal",
+    "proposal_sampler",
     "check_model",
     "check_batch",
 ]
@@ -44,6 +45,16 @@ class LatentVariableModel(NamedTuple):
         and IWAE gradients) use it: one encoder pass instead of two (measured 0.85x the IWAE-5
         gradient's time, benchmarks/RESULTS.md), and no flow inversion for an IAF. None
         (default): the two functions are used.
+      proposal_features: optional ``(params, x) -> features``, any pytree of arrays: the part of
+        q_phi(z | x) that depends on x alone (for a Gaussian encoder its mean and log scale), so
+        that a caller drawing many times for the same x runs the encoder once. Given together with
+        ``sample_from_features``, or not at all.
+      sample_from_features: optional ``(params, features, key, num) -> (z, log_q)``, shapes as
+        ``sample_with_log_proposal``; with ``features = proposal_features(params, x)`` it must
+        return the values (and parameter derivatives) ``sample_with_log_proposal(params, x, key,
+        num)`` would. The work-queue loop of the unbiased estimator (``num_slots``) uses the pair
+        to draw its fresh proposals without re-running the encoder on each slot's example every
+        iteration (the plain loop gets that for free: its x is loop-invariant and XLA hoists it).
 
     Both theta (the parameters ``log_joint`` reads) and phi (those the proposal reads) live in the
     one ``params`` pytree; the estimators tell them apart only by which function uses them.
@@ -55,6 +66,8 @@ class LatentVariableModel(NamedTuple):
     sample_with_log_proposal: Callable[[Params, Array, Array, int], tuple[Array, Array]] | None = (
         None
     )
+    proposal_features: Callable[[Params, Array], Any] | None = None
+    sample_from_features: Callable[[Params, Any, Array, int], tuple[Array, Array]] | None = None
 
 
 def log_weights(model: LatentVariableModel, params: Params, x: Array, particles: Array):
@@ -84,6 +97,25 @@ def sample_and_log_proposal(model: LatentVariableModel, params: Params, x: Array
     return z, jax.vmap(model.log_proposal, in_axes=(None, None, 0))(params, x, z)
 
 
+def proposal_sampler(model: LatentVariableModel):
+    """``(features_fn, sample_fn)`` with ``sample_fn(params, features_fn(params, x), key, num)``
+    the draws and log q of :func:`sample_and_log_proposal`.
+
+    The model's ``proposal_features`` / ``sample_from_features`` pair when it has one; else the
+    features are x itself and ``sample_fn`` is :func:`sample_and_log_proposal`.
+    """
+    if model.proposal_features is not None:
+        return model.proposal_features, model.sample_from_features
+
+    def sample_fn(params, x, key, num):
+        return sample_and_log_proposal(model, params, x, key, num)
+
+    return (lambda params, x: x), sample_fn
+
+
+OPTIONAL_FIELDS = ("sample_with_log_proposal", "proposal_features", "sample_from_features")
+
+
 def check_model(model: Any) -> LatentVariableModel:
     """Validate that ``model`` is a LatentVariableModel of callables (at construction time)."""
     if not isinstance(model, LatentVariableModel):
@@ -92,12 +124,18 @@ def check_model(model: Any) -> LatentVariableModel:
             f"log_proposal=...), got {type(model).__name__}."
         )
     for name in LatentVariableModel._fields:
-        if name == "sample_with_log_proposal" and model.sample_with_log_proposal is None:
-            continue  # optional
+        if name in OPTIONAL_FIELDS and getattr(model, name) is None:
+            continue
         if not callable(getattr(model, name)):
             raise TypeError(
                 f"LatentVariableModel.{name} must be callable, got {getattr(model, name)!r}."
             )
+    if (model.proposal_features is None) != (model.sample_from_features is None):
+        given = "sample_from_features" if model.proposal_features is None else "proposal_features"
+        raise TypeError(
+            f"LatentVariableModel.{given} was given without its partner: proposal_features and "
+            "sample_from_features go together (or leave both None)."
+        )
     return model
 
 
@@ -138,22 +176,21 @@ def check_batch(model: LatentVariableModel, params: Params, x: Any) -> tuple:
             f"(num, *latent_shape); with num=2 it returned {getattr(z, 'shape', z)}."
         )
     if model.sample_with_log_proposal is not None:
-        try:
-            zq = jax.eval_shape(
-                lambda p, xx, kk: model.sample_with_log_proposal(p, xx, kk, 2), params, x0, k0
-            )
-        except Exception as e:
-            raise ValueError(
-                f"model.sample_with_log_proposal(params, x[0], key, 2) failed on x[0] of shape "
-                f"{x.shape[1:]}: {e}"
-            ) from e
-        shapes = jax.tree.map(lambda a: getattr(a, "shape", None), zq)
-        if not (isinstance(zq, tuple) and len(zq) == 2 and shapes == (z.shape, (2,))):
-            raise ValueError(
-                "model.sample_with_log_proposal(params, x, key, num) must return (z, log_q) of "
-                f"shapes ((num, *latent_shape), (num,)); with num=2 expected ({z.shape}, (2,)), "
-                f"got {shapes}."
-            )
+        _check_draws_with_log_q(
+            "sample_with_log_proposal(params, x, key, num)",
+            lambda p, xx, kk: model.sample_with_log_proposal(p, xx, kk, 2),
+            (params, x0, k0),
+            z.shape,
+            x.shape[1:],
+        )
+    if model.proposal_features is not None:
+        _check_draws_with_log_q(
+            "sample_from_features(params, proposal_features(params, x), key, num)",
+            lambda p, xx, kk: model.sample_from_features(p, model.proposal_features(p, xx), kk, 2),
+            (params, x0, k0),
+            z.shape,
+            x.shape[1:],
+        )
     z1 = jax.ShapeDtypeStruct(z.shape[1:], z.dtype)
     for name in ("log_joint", "log_proposal"):
         fn = getattr(model, name)
@@ -171,3 +208,17 @@ def check_batch(model: LatentVariableModel, params: Params, x: Any) -> tuple:
                 "batch? the estimators vmap for you)."
             )
     return z.shape[1:], z.dtype
+
+
+def _check_draws_with_log_q(what: str, fn, args, z_shape, x_shape) -> None:
+    """``fn(*args)`` (num = 2) must trace and return (z, log_q) of shapes (z_shape, (2,))."""
+    try:
+        out = jax.eval_shape(fn, *args)
+    except Exception as e:  # re-raised with the function named, the cause chained
+        raise ValueError(f"model.{what} failed with num=2 on x[0] of shape {x_shape}: {e}") from e
+    shapes = jax.tree.map(lambda a: getattr(a, "shape", None), out)
+    if not (isinstance(out, tuple) and len(out) == 2 and shapes == (z_shape, (2,))):
+        raise ValueError(
+            f"model.{what} must return (z, log_q) of shapes ((num, *latent_shape), (num,)); "
+            f"with num=2 expected ({z_shape}, (2,)), got {shapes}."
+        )

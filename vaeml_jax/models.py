@@ -343,6 +343,9 @@ class VAE:
         * ``log_proposal`` = log q(z|x); log q(z1|x) + log q(z2|z1);
         * ``sample_proposal`` reparameterised (ancestral for two layers):
           z1 = mu(x) + sigma(x) eps1, z2 = mu(z1) + sigma(z1) eps2, eps ~ N(0, I).
+        * the optional one-pass functions: ``sample_with_log_proposal`` (log q from the noise)
+          and the ``proposal_features`` / ``sample_from_features`` pair (the encoder's output
+          once per x, then draws from it).
       latent_dim: the flat latent size (``latent_dim``, or ``latent1_dim + latent_dim`` with
         layout concat(z1, z2) for two layers).
     """
@@ -363,6 +366,8 @@ class VAE:
             sample_proposal=self.sample_proposal,
             log_proposal=self.log_proposal,
             sample_with_log_proposal=self.sample_with_log_proposal,
+            proposal_features=self.proposal_features,
+            sample_from_features=self.sample_from_features,
         )
 
     def __repr__(self) -> str:
@@ -465,18 +470,10 @@ class VAE:
     def sample_proposal(self, params: Params, x: Array, key: Array, num: int) -> Array:
         """``num`` reparameterised draws z ~ q(z|x) for one example x: shape (num, latent_dim)."""
         self._check_one("sample_proposal", x)
+        features = self.proposal_features(params, x)
         if self.config.encoder != "diag":
-            return self.sample_with_log_proposal(params, x, key, num)[0]
-        enc = self._encoder(params)
-        k1, k2 = jax.random.split(key)
-        loc, log_scale = enc.q_z1(x)
-        eps = jax.random.normal(k1, (num, *loc.shape), loc.dtype)
-        z1 = loc + jnp.exp(log_scale) * eps
-        if not self.config.two_layer:
-            return z1
-        loc2, log_scale2 = enc.q_z2(z1)
-        z2 = loc2 + jnp.exp(log_scale2) * jax.random.normal(k2, loc2.shape, loc2.dtype)
-        return jnp.concatenate([z1, z2], axis=-1)
+            return self.sample_from_features(params, features, key, num)[0]
+        return self._sample_diag(params, features, key, num, with_log_q=False)
 
     def sample_with_log_proposal(
         self, params: Params, x: Array, key: Array, num: int
@@ -489,22 +486,40 @@ class VAE:
         :meth:`log_proposal`; for the IAF this also avoids the d-pass inverse.
         """
         self._check_one("sample_with_log_proposal", x)
-        enc = self._encoder(params)
-        k1, k2 = jax.random.split(key)  # the keys sample_proposal uses, for the same eps
+        return self.sample_from_features(params, self.proposal_features(params, x), key, num)
+
+    def proposal_features(self, params: Params, x: Array) -> tuple[Array, ...]:
+        """The part of q(z|x) that depends on x alone, for one example x: the first stochastic
+        layer's (mu, log sigma) (``"diag"``), (mu, L) (``"full_cov"``), (mu, log sigma_0, h)
+        (``"iaf"``). Drawing from it (:meth:`sample_from_features`) skips the encoder's trunk."""
+        self._check_one("proposal_features", x)
+        q = self._encoder(params).q_z1
+        return q.base(x) if self.config.encoder == "iaf" else q(x)
+
+    def sample_from_features(
+        self, params: Params, features: tuple[Array, ...], key: Array, num: int
+    ) -> tuple[Array, Array]:
+        """:meth:`sample_with_log_proposal` given ``features = proposal_features(params, x)``."""
         if self.config.encoder == "diag":
-            loc, log_scale = enc.q_z1(x)
-            eps = jax.random.normal(k1, (num, *loc.shape), loc.dtype)
-            z1 = loc + jnp.exp(log_scale) * eps
-            lq = _std_normal_log_prob(eps) - jnp.sum(log_scale)
-            if not self.config.two_layer:
-                return z1, lq
-            loc2, log_scale2 = enc.q_z2(z1)
-            eps2 = jax.random.normal(k2, loc2.shape, loc2.dtype)
-            z2 = loc2 + jnp.exp(log_scale2) * eps2
-            lq = lq + _std_normal_log_prob(eps2) - jnp.sum(log_scale2, axis=-1)
-            return jnp.concatenate([z1, z2], axis=-1), lq
+            return self._sample_diag(params, features, key, num, with_log_q=True)
+        k1, _ = jax.random.split(key)  # the key split of the diagonal case, for the same eps
         eps = jax.random.normal(k1, (num, self.latent_dim), self._dtype)
-        return enc.q_z1.sample(x, eps)
+        return self._encoder(params).q_z1.sample_from(features, eps)
+
+    def _sample_diag(self, params, features, key, num, with_log_q: bool):
+        """Draws (and log q, from the noise) of the diagonal encoder, one or two layers."""
+        k1, k2 = jax.random.split(key)  # k2: the second stochastic layer's noise
+        loc, log_scale = features
+        eps = jax.random.normal(k1, (num, *loc.shape), loc.dtype)
+        z = loc + jnp.exp(log_scale) * eps
+        lq = _std_normal_log_prob(eps) - jnp.sum(log_scale) if with_log_q else None
+        if self.config.two_layer:
+            loc2, log_scale2 = self._encoder(params).q_z2(z)
+            eps2 = jax.random.normal(k2, loc2.shape, loc2.dtype)
+            z = jnp.concatenate([z, loc2 + jnp.exp(log_scale2) * eps2], axis=-1)
+            if with_log_q:
+                lq = lq + _std_normal_log_prob(eps2) - jnp.sum(log_scale2, axis=-1)
+        return (z, lq) if with_log_q else z
 
     # -- conveniences ------------------------------------------------------------------------------
     def encode(self, params: Params, x: Array) -> tuple[Array, Array]:
