@@ -10,7 +10,9 @@ t / ((1 + batch-mean iters) floor) of each variant is printed too (floor timed i
 A variant is a comma-separated spec, e.g. ``slots=25,defer=4,hook=1,features=1`` (the library
 default on CPU):
 
-* ``slots``: ``num_slots`` (the cascade P, P/2, ..., 1);
+* ``slots``: ``num_slots`` (the cascade P, P/2, ..., 1); 0 = the plain loop (``num_slots=None``);
+* ``unroll``: coupled iterations per ``while_loop`` step of the plain loop (``unroll``; with
+  ``slots=0`` only);
 * ``defer``: stages of at most this many slots run forward passes only and batch their backward
   passes (``vaeml_jax.estimators._scheduled.DEFER_AT_MOST``; 0 = none, i.e.
   ``deferred_backward=False``);
@@ -47,7 +49,7 @@ from _timing import summarize  # noqa: E402
 import vaeml_jax as vj  # noqa: E402
 from vaeml_jax.estimators import _scheduled  # noqa: E402
 
-DEFAULTS = dict(slots=25, defer=_scheduled.DEFER_AT_MOST, hook=1, features=1)
+DEFAULTS = dict(slots=25, defer=_scheduled.DEFER_AT_MOST, hook=1, features=1, unroll=1)
 
 
 def parse_variant(spec: str) -> dict:
@@ -58,8 +60,10 @@ def parse_variant(spec: str) -> dict:
         if name not in DEFAULTS or not value.lstrip("-").isdigit():
             raise SystemExit(f"bad variant field {part!r} in {spec!r}; fields: {list(DEFAULTS)}")
         out[name] = int(value)
-    if out["slots"] < 1 or out["defer"] < 0:
-        raise SystemExit(f"slots must be >= 1 and defer >= 0 in {spec!r}")
+    if out["slots"] < 0 or out["defer"] < 0 or out["unroll"] < 1:
+        raise SystemExit(f"slots and defer must be >= 0, unroll >= 1 in {spec!r}")
+    if out["unroll"] > 1 and out["slots"]:
+        raise SystemExit(f"unroll applies to the plain loop: add slots=0 in {spec!r}")
     return out
 
 
@@ -70,7 +74,12 @@ def build(model, S: int, v: dict, max_iters: int, example: tuple):
     if not v["features"]:
         m = m._replace(proposal_features=None, sample_from_features=None)
     est = vj.make_unbiased_grad(
-        m, S, num_slots=v["slots"], deferred_backward=v["defer"] > 0, max_iters=max_iters
+        m,
+        S,
+        num_slots=v["slots"] or None,
+        deferred_backward=v["defer"] > 0,
+        max_iters=max_iters,
+        unroll=v["unroll"],
     )
     saved = _scheduled.DEFER_AT_MOST
     _scheduled.DEFER_AT_MOST = v["defer"]

@@ -112,10 +112,11 @@ def test_optimizer_study_rejects_bad_arguments():
 @pytest.mark.slow
 def test_queue_variants_runs(data_dir):
     args = ["--train-steps", "2", "--calls", "2", "--max-iters", "50", "--iwae-hook"]
-    args += ["--variants", "slots=4,defer=0,hook=0", "slots=4"]
+    args += ["--variants", "slots=4,defer=0,hook=0,features=0", "slots=4", "slots=0,unroll=2"]
     proc = _run_quick("queue_variants.py", args, data_dir)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "| slots=4 | " in proc.stdout and "with / without the hook" in proc.stdout
+    assert "| slots=4 | " in proc.stdout and "| slots=0,unroll=2 | " in proc.stdout
+    assert "with / without the hook" in proc.stdout
 
 
 def test_queue_variants_rejects_bad_variants(data_dir):

@@ -70,6 +70,8 @@ BAD_CONSTRUCTION = [
     ("unbiased", dict(max_iters=0), ValueError, r"max_iters must be >= 1"),
     ("unbiased", dict(max_iters=10.5), TypeError, r"max_iters must be an int"),
     ("unbiased", dict(num_slots=0), ValueError, r"num_slots must be >= 1"),
+    ("unbiased", dict(unroll=0), ValueError, r"unroll must be >= 1"),
+    ("unbiased", dict(unroll=2, num_slots=4), ValueError, r"unroll=2 applies to the plain loop"),
     ("unbiased", dict(encoder_objective="kl"), ValueError, r"encoder_objective must be one of"),
     ("iwae", dict(encoder_objective="ELBO"), ValueError, r"encoder_objective must be one of"),
     ("elbo", dict(encoder_objective="sumo"), ValueError, r"encoder_objective must be one of"),

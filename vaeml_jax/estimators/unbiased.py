@@ -83,6 +83,7 @@ def make_unbiased_grad(
     encoder_particles: int | None = None,
     slot_cascade: bool = True,
     deferred_backward: bool = True,
+    unroll: int = 1,
 ):
     r"""Build the unbiased estimator of the log-likelihood gradient.
 
@@ -132,6 +133,12 @@ def make_unbiased_grad(
         and take their backward passes in batches (default True): on a CPU a backward pass over a
         few atoms costs 2-3x per atom what a batched one does. Their atoms are evaluated twice
         (counted in ``num_log_joint_evals``). Same estimate up to summation order.
+      unroll: U >= 1 coupled iterations per ``while_loop`` step of the plain loop (default 1).
+        On an accelerator an iteration at training batch sizes is launch-latency bound, and each
+        loop step also pays its condition's device-to-host round trip; U > 1 pays that once per U
+        iterations, at the price of up to U - 1 extra iterations at the end, fully masked (they
+        change nothing and are counted in ``num_log_joint_evals``). Same estimate. Plain loop
+        only (``num_slots=None``). See benchmarks/RESULTS.md for what it was measured to give.
       rejuvenation: None (plain CIS) or a :class:`Rejuvenation`: between the resampling and the
         refresh, both chains' kept particles are moved by MALA with common random numbers and a
         reflection-maximal coupled random-walk step (posterior-invariant, so still unbiased), so
@@ -183,6 +190,12 @@ def make_unbiased_grad(
         raise TypeError(f"slot_cascade must be a bool, got {slot_cascade!r}.")
     if not isinstance(deferred_backward, bool):
         raise TypeError(f"deferred_backward must be a bool, got {deferred_backward!r}.")
+    unroll = _common.check_int("unroll", unroll, 1)
+    if unroll > 1 and num_slots is not None:
+        raise ValueError(
+            f"unroll={unroll} applies to the plain loop (num_slots=None); the work queue's stages "
+            "have their own sizes: leave unroll=1 with num_slots."
+        )
     rejuvenation = _rejuvenation.check_rejuvenation(rejuvenation)
     if rejuvenation is not None and num_slots is not None:
         raise ValueError(
@@ -337,7 +350,14 @@ def make_unbiased_grad(
             jnp.zeros((), jnp.int32),
             grads0,
         )
-        final = jax.lax.while_loop(cond, body, init_state)
+
+        def unrolled_body(state: _LoopState):
+            # Iterations past a lane's end are masked in `body`, so a chunk may overshoot.
+            for _ in range(unroll):
+                state = body(state)
+            return state
+
+        final = jax.lax.while_loop(cond, unrolled_body, init_state)
 
         capped = ~final.met
         meeting_time = jnp.where(capped, final.t + 1, final.meeting_time)
