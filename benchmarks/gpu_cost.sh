@@ -10,8 +10,12 @@
 #      gradient / the hand-written floor with and without the one-pass hooks (1.44x in an earlier
 #      session), and the 25-slot queue at S = 50.
 # On an H100 in session 4 the whole estimator_cost run took a few minutes; sized for < 9 minutes.
-# Run from the repository root with VAEML_DATA_DIR set (carry the MNIST files the loaders read).
-# QUICK=1 shrinks both steps to a smoke run (CPU, about two minutes).
+# Run from the repository root with VAEML_DATA_DIR set. With the `device` tool (its image has jax,
+# flax, optax, orbax and chex; the repository's own package goes on PYTHONPATH), once here:
+#   mkdir -p runs/gpu_data/mnist && cp "$VAEML_DATA_DIR"/mnist/train-images-idx3-ubyte.gz runs/gpu_data/mnist/
+# then run(command="VAEML_DATA_DIR=runs/gpu_data PYTHONPATH=. sh benchmarks/gpu_cost.sh",
+#          carry=["runs/gpu_data"], timeout_s=590); the files come back from $OUT.
+# QUICK=1 shrinks every step to a smoke run (CPU, a few minutes, mostly compilation).
 set -e
 OUT=${OUT:-runs/gpu_cost}
 mkdir -p "$OUT"
