@@ -64,7 +64,7 @@ import optax  # noqa: E402
 from _timing import summarize, time_interleaved  # noqa: E402
 
 import vaeml_jax as vj  # noqa: E402
-from vaeml_jax.model import LatentVariableModel  # noqa: E402
+from vaeml_jax.models.interface import LatentVariableModel  # noqa: E402
 
 LATENT = 50
 HIDDEN = 200

@@ -49,7 +49,7 @@ import vaeml_jax as vj  # noqa: E402
 from vaeml_jax.checkpoint import Checkpointer  # noqa: E402
 from vaeml_jax.data import binarized_test_set, epoch_batches, load_dataset  # noqa: E402
 from vaeml_jax.evaluation import importance_log_likelihood  # noqa: E402
-from vaeml_jax.train import TrainConfig, load_run, train  # noqa: E402
+from vaeml_jax.training import TrainConfig, load_run, train  # noqa: E402
 from vaeml_jax.training.optim import make_optimizer  # noqa: E402
 
 ESTIMATORS = {"iwae5": ("iwae", 5), "unbiased5": ("unbiased", 5)}

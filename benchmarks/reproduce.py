@@ -1,7 +1,8 @@
 r"""Reproduction study (issue 4): five gradient estimators, one architecture, one evaluation.
 
 Every model is the IWAE paper's one-stochastic-layer VAE (784-200-200-50, tanh, Bernoulli decoder;
-``vaeml_jax.train.build_vae``) trained by the product itself (``vaeml_jax.train.train``: Adam, the
+``vaeml_jax.training.build_vae``) trained by the product itself
+(``vaeml_jax.training.train``: Adam, the
 same batch size, epochs, learning-rate schedule and seeds for every estimator) on dynamically
 binarized data, with
 
@@ -12,7 +13,7 @@ binarized data, with
 * ``sumo``: SUMO (Luo et al. 2020) with ``min_terms = S`` (its base bound is IWAE-S) and its
   variance-minimising encoder objective;
 
-all with the encoder objective ``vaeml_jax.train`` picks for them (``auto``). Two comparisons:
+all with the encoder objective ``vaeml_jax.training`` picks for them (``auto``). Two comparisons:
 
 1. **same S and epochs**: the five rows above;
 2. **compute-matched**: ``iwae_matched``, IWAE with S' = the number of ``log_joint`` evaluations
@@ -75,7 +76,7 @@ Settings (what each preset runs; flags override single values):
   images of seed 0, in-training IS (K = 500, 1,000 images) after every continuation epoch.
 
 Outputs in ``--out`` (default ``runs/reproduce``): one run directory per (dataset, label, seed) as
-written by ``vaeml_jax.train`` plus its ``result.json`` (a finished run is reused when the script
+written by ``vaeml_jax.training`` plus its ``result.json`` (a finished run is reused when the script
 is re-run with the same settings), ``results.json`` (settings, machine, every run, the summaries)
 and ``results.md`` (the tables). Datasets whose files are missing are skipped with a note.
 
@@ -113,7 +114,7 @@ if str(REPO) not in sys.path:  # run from a checkout without installing
 
 from vaeml_jax.data import DataError, binarized_test_set, load_dataset  # noqa: E402
 from vaeml_jax.evaluation import evaluate  # noqa: E402
-from vaeml_jax.train import (  # noqa: E402
+from vaeml_jax.training import (  # noqa: E402
     CHECKPOINT_DIR,
     METRICS_FILE,
     TrainConfig,

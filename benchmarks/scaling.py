@@ -23,7 +23,7 @@ CHILD = textwrap.dedent(
     import jax, jax.numpy as jnp, numpy as np, optax
     from vaeml_jax import distributed, data
     from vaeml_jax.models import VAE, VAEConfig
-    from vaeml_jax.train import TrainState, make_train_step
+    from vaeml_jax.training import TrainState, make_train_step
     import vaeml_jax as vj
 
     a = json.loads(sys.argv[1])

@@ -1,8 +1,8 @@
 r"""Gradient variance against cost, meeting times and encoder objectives (issue 4).
 
-Four measurements on the IWAE paper's one-layer MNIST VAE (``vaeml_jax.train.build_vae``):
+Four measurements on the IWAE paper's one-layer MNIST VAE (``vaeml_jax.training.build_vae``):
 
-1. **Brief training** through the product (``vaeml_jax.train.train``) with the unbiased estimator
+1. **Brief training** through the product (``vaeml_jax.training.train``) with the unbiased estimator
    H_{0:0} (S particles) under each encoder objective in ``--encoder-objectives`` (``elbo``,
    ``iwae``, ``inclusive_kl``): the run is resumed one epoch at a time so the per-example meeting
    times of EVERY epoch (``meeting_times.npy``) are kept, with the capped fraction and wall time;
@@ -76,7 +76,7 @@ from reproduce import machine_info  # noqa: E402
 import vaeml_jax as vj  # noqa: E402
 from vaeml_jax.data import binarize_static, binarized_test_set, load_dataset  # noqa: E402
 from vaeml_jax.evaluation import evaluate  # noqa: E402
-from vaeml_jax.train import (  # noqa: E402
+from vaeml_jax.training import (  # noqa: E402
     MEETING_TIMES_FILE,
     TrainConfig,
     build_vae,

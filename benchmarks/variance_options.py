@@ -10,7 +10,7 @@ ran, masked lanes included; on an accelerator this is the wall-clock). The figur
 tr Cov x evaluations (variance at equal cost); "gain" is the baseline's figure over the row's at
 the same model state, baseline = today's default (S = 10, k = m = 0, one chain).
 
-Model states are trained through the product (``vaeml_jax.train.train``) with IWAE-5 and Adam
+Model states are trained through the product (``vaeml_jax.training.train``) with IWAE-5 and Adam
 (lr 1e-3, batch 100) for ``--train-steps`` steps on the first ``--train-examples`` images, one
 state per encoder variant (``--encoders``, e.g. ``diag:iwae``, ``diag:iwae_dreg``, ``iaf:iwae``,
 syntax ``ENCODER:OBJECTIVE``) and per latent dimension of the regime map (``--latent-dims``).
@@ -64,7 +64,7 @@ import vaeml_jax as vj  # noqa: E402
 from vaeml_jax.data import binarize_static, load_dataset  # noqa: E402
 from vaeml_jax.diagnostics import suggest_window  # noqa: E402
 from vaeml_jax.estimators._rejuvenation import extra_evals  # noqa: E402
-from vaeml_jax.train import TrainConfig, build_vae, train  # noqa: E402
+from vaeml_jax.training import TrainConfig, build_vae, train  # noqa: E402
 
 PRESETS = {
     "cpu": dict(

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from vaeml_jax import cis
 from vaeml_jax import testing as T
-from vaeml_jax.model import LatentVariableModel
+from vaeml_jax.couplings import cis
+from vaeml_jax.models.interface import LatentVariableModel
 
 NUM_CHAINS = 10_000
 NUM_STEPS = 4

@@ -20,7 +20,7 @@ import pytest
 
 from vaeml_jax import cli
 from vaeml_jax.checkpoint import Checkpointer
-from vaeml_jax.train import load_run, read_metrics
+from vaeml_jax.training import load_run, read_metrics
 
 SMALL = [
     "--hidden", "32",

@@ -92,13 +92,13 @@ def test_agrees_in_distribution_with_the_fused_estimator():
 def test_coupled_cis_has_the_single_kernels_marginals():
     model, params, x = toy(quality=QUALITY)
     n = 40_000
-    rinit = cp.cis.build_rinit(model, params, x, 4)
-    single = cp.cis.build_kernel(model, params, x, 4)
-    coupled = cp.cis.build_coupled_kernel(model, params, x, 4)
+    rinit = cp.vae_reference.build_rinit(model, params, x, 4)
+    single = cp.vae_reference.build_kernel(model, params, x, 4)
+    coupled = cp.vae_reference.build_coupled_kernel(model, params, x, 4)
     sx, sy = rinit(jax.random.key(1)), rinit(jax.random.key(2))
 
     def feats(state):  # the kept particle and the self-normalised mean of the tuple
-        w = vj.cis.normalized_weights(state.log_weights)
+        w = vj.couplings.cis.normalized_weights(state.log_weights)
         return jnp.concatenate([state.particles[0], w @ state.particles])
 
     @jax.jit
@@ -116,8 +116,8 @@ def test_coupled_cis_has_the_single_kernels_marginals():
 
 def test_equal_cis_tuples_stay_equal_and_distinct_ones_meet():
     model, params, x = toy(quality=QUALITY)
-    rinit = cp.cis.build_rinit(model, params, x, 3)
-    coupled = cp.cis.build_coupled_kernel(model, params, x, 3)
+    rinit = cp.vae_reference.build_rinit(model, params, x, 3)
+    coupled = cp.vae_reference.build_coupled_kernel(model, params, x, 3)
     s0 = rinit(jax.random.key(0))
 
     def run(pair, key):
@@ -145,4 +145,4 @@ def test_bad_cis_arguments():
     with pytest.raises(ValueError, match="k must be <= m"):
         cp.build_vae_gradient(model, k=2, m=1)
     with pytest.raises(TypeError):
-        cp.cis.build_kernel("not a model", params, x, 3)
+        cp.vae_reference.build_kernel("not a model", params, x, 3)

@@ -17,7 +17,7 @@ SCRIPT = textwrap.dedent(
     import json, os, sys
     os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=4"  # set by the fixture
     import jax, numpy as np
-    from vaeml_jax.train import TrainConfig, ConfigError, train, read_metrics
+    from vaeml_jax.training import TrainConfig, ConfigError, train, read_metrics
 
     out = sys.argv[1]
     small = dict(hidden=(16,), latent_dim=3, num_particles=3, batch_size=40,
@@ -120,7 +120,7 @@ MOVE_SCRIPT = textwrap.dedent(
         os.environ["XLA_FLAGS"] += f" --xla_force_host_platform_device_count={devices}"
     import jax, numpy as np
     from vaeml_jax import cli
-    from vaeml_jax.train import load_run
+    from vaeml_jax.training import load_run
 
     def path(*p):
         return os.path.join(out, *p)

@@ -1,4 +1,4 @@
-"""The richer proposals of vaeml_jax.encoders through the VAE: encoder="full_cov" and "iaf".
+"""The richer proposals of vaeml_jax.models.encoders through the VAE: encoder="full_cov" and "iaf".
 
 Densities against independent computations (scipy's multivariate normal; the IAF's forward-pass
 density; a grid integral in d = 2), the IAF's inverse, MADE's autoregressive structure,
@@ -14,8 +14,8 @@ import pytest
 from scipy import stats
 
 import vaeml_jax as vj
-from vaeml_jax.encoders import made_masks
 from vaeml_jax.models import VAEConfig, build_vae
+from vaeml_jax.models.encoders import made_masks
 
 D = 6
 ENCODERS = ["diag", "full_cov", "iaf"]

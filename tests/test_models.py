@@ -80,7 +80,7 @@ def test_shapes_and_param_structure(kw):
     assert jax.eval_shape(vae.decode, params, jnp.zeros((7, flat))).shape == (7, D)
     assert jax.eval_shape(vae.decode, params, jnp.zeros((7, 1, flat))).shape == (7, 1, D)
     assert jax.eval_shape(lambda p: vae.reconstruct(p, x, k), params).shape == (4, D)
-    assert vj.model.check_batch(vae.model, params, x) == ((flat,), jnp.float32)
+    assert vj.models.check_batch(vae.model, params, x) == ((flat,), jnp.float32)
     # values: decoded prior samples are probabilities
     s = jax.jit(lambda p: vae.sample(p, jax.random.key(2), 5))(params)
     assert s.shape == (5, D) and bool(jnp.all((s > 0) & (s < 1)))

@@ -185,7 +185,7 @@ def test_warm_start_quick_forks_every_continuation_from_one_state(data_dir, tmp_
 import sys, jax, numpy as np
 sys.path.insert(0, {str(REPO / "benchmarks")!r})
 import reproduce
-from vaeml_jax.train import train, load_run
+from vaeml_jax.training import train, load_run
 a = reproduce.parse_args(["--preset", "warm_start", "--quick"])
 cfg = reproduce.continuation_config(a, "mnist", "iwae", 0, 5)
 p = train(cfg, {str(tmp_path / "scratch")!r}, progress=False, log=lambda m: None)["params"]

@@ -11,7 +11,7 @@ import pytest
 
 from vaeml_jax import make_iwae_grad
 from vaeml_jax.testing import linear_gaussian_model, linear_gaussian_params
-from vaeml_jax.train import (
+from vaeml_jax.training import (
     IWAE_SCHEDULE_EPOCHS,
     ConfigError,
     RunDirError,
@@ -286,7 +286,7 @@ def test_warm_start_config_is_checked():
 def _opt_count(run_dir, epoch):
     """Adam's step count in the checkpoint of ``epoch`` (the optimizer state carried over)."""
     from vaeml_jax.checkpoint import Checkpointer
-    from vaeml_jax.train import build_vae, read_config
+    from vaeml_jax.training import build_vae, read_config
 
     cfg = read_config(run_dir).resolved()
     params = jax.eval_shape(lambda k: build_vae(cfg).init(k), jax.random.key(0))
@@ -339,8 +339,7 @@ def test_warm_start_then_main_resumes_bitwise_from_either_phase(tmp_path, data_d
 def test_nan_importance_weights_give_the_warning_then_a_clean_stop(tmp_path, data_dir, monkeypatch):
     """A model whose log p(x, z) is NaN for some examples: the epoch's warning line names the
     non-finite weights before TrainingDiverged stops the run (nothing saved, no crash)."""
-    from vaeml_jax.train import TrainingDiverged
-    from vaeml_jax.training import loop
+    from vaeml_jax.training import TrainingDiverged, loop
 
     real = loop.make_estimator
 

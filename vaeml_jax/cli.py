@@ -262,7 +262,7 @@ def _resolve_train_config(args: argparse.Namespace):
     """``(config, out, recipe)``: defaults < stored config (with --resume) < --config FILE <
     command-line flags; then, for a fresh run that set none of ``RECIPE_FIELDS``, the unbiased
     estimator's measured warm-start recipe (``recipe`` says whether it was applied)."""
-    from vaeml_jax.train import RECIPE_FIELDS, TrainConfig, read_config, with_measured_recipe
+    from vaeml_jax.training import RECIPE_FIELDS, TrainConfig, read_config, with_measured_recipe
 
     given = vars(args).copy()
     for key in ("command", "out", "config", "resume", "no_progress", "distributed"):
@@ -305,7 +305,7 @@ def _resolve_train_config(args: argparse.Namespace):
 def cmd_train(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
-    from vaeml_jax.train import train
+    from vaeml_jax.training import train
 
     if getattr(args, "distributed", False):
         import jax
@@ -362,7 +362,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     import jax
 
     from vaeml_jax.evaluation import SCHEDULES, evaluate
-    from vaeml_jax.train import load_data, load_run
+    from vaeml_jax.training import load_data, load_run
     from vaeml_jax.training.rundir import write_atomic
 
     if args.method not in ("is", "ais"):
@@ -473,7 +473,7 @@ COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "plot": cmd_plot}
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Exception types that mean bad input (not a bug): reported in one line."""
     from vaeml_jax.checkpoint import CheckpointError
-    from vaeml_jax.train import TrainingDiverged
+    from vaeml_jax.training import TrainingDiverged
 
     errors: list[type[BaseException]] = [
         CLIError,

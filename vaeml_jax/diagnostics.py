@@ -1,6 +1,6 @@
 r"""Diagnostics of the importance weights and the meeting times: what makes the estimator noisy.
 
-The unbiased estimator's variance is driven by two things a user can watch (issue 10):
+The unbiased estimator's variance is driven by two things a user can watch:
 
 * **How far the proposal is from the posterior**, read from the S importance weights
   w_s = p(x, z_s) / q(z_s | x) of the initial draws X_0 (free: every estimator computes them).
@@ -25,11 +25,26 @@ Example::
                                        info["log1p_chi2"], info["log_weight_std"])
     for line in vj.diagnostics.health_warnings(summary):
         print(line)
+
+**Meeting times of any coupled kernel** (:mod:`vaeml_jax.couplings`): sampled meeting times,
+L-lag total-variation bounds, choosing k and m.
+
+Biswas, Jacob & Vanetti (NeurIPS 2019), "Estimating convergence of Markov chains with L-lag
+couplings": with :math:`\tau^{(L)}` the meeting time of an L-lag coupling started from
+:math:`\pi_0`,
+
+.. math:: d_{TV}(\pi_t, \pi) \le E\Big[\max\Big(0, \Big\lceil \frac{\tau^{(L)} - L - t}{L}
+          \Big\rceil\Big)\Big],
+
+estimated here by the average over sampled meeting times. Larger L gives tighter bounds. The bound
+is for the marginal law pi_t of X_t started from ``rinit``; it is what one uses to pick k (the
+burn-in after which the chains are close to pi) and m.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
@@ -45,6 +60,10 @@ __all__ = [
     "suggest_window",
     "TAIL_INDEX_WARNING",
     "MIN_TAIL_LANES",
+    "MeetingTimes",
+    "sample_meeting_times",
+    "tv_upper_bound",
+    "suggest_k_m",
 ]
 
 # alpha <= 2: tau has no finite variance. The warning threshold is that, not a tuned number.
@@ -216,3 +235,82 @@ def suggest_window(meeting_times, batch_max_iters=None, quantile: float = 0.9) -
     if batch_max_iters is not None and np.size(batch_max_iters):
         m = max(m, int(np.median(np.asarray(batch_max_iters))))
     return k, m
+
+
+def _couplings_checks():
+    # Lazy: ``vaeml_jax.couplings`` re-exports this module's meeting-time functions.
+    from vaeml_jax.couplings import _checks
+
+    return _checks
+
+
+class MeetingTimes(NamedTuple):
+    """Sampled meeting times (num_pairs,) int and capped flags (num_pairs,) bool.
+
+    For capped pairs ``meeting_time`` is only a lower bound (max_iters + lag + 1); bounds computed
+    from them are then too optimistic, so check ``capped.any()`` first.
+    """
+
+    meeting_time: jax.Array
+    capped: jax.Array
+
+
+def sample_meeting_times(
+    key,
+    single_step: Callable,
+    coupled_step: Callable,
+    rinit: Callable,
+    num_pairs: int,
+    lag: int = 1,
+    max_iters: int = 1000,
+) -> MeetingTimes:
+    """tau^{(L)} of ``num_pairs`` independent L-lag pairs (vmapped, jitted; each stops at tau)."""
+    from vaeml_jax.couplings import debias  # lazy: couplings re-exports this module's functions
+
+    est = debias.build_estimator(
+        single_step,
+        coupled_step,
+        rinit,
+        lambda s: jnp.zeros(()),
+        k=0,
+        m=0,
+        lag=lag,
+        max_iters=max_iters,
+    )
+    out = jax.jit(lambda kk: debias.run_pairs(est, kk, num_pairs))(key)
+    return MeetingTimes(out.meeting_time, out.capped)
+
+
+def tv_upper_bound(meeting_times, lag: int, t) -> np.ndarray:
+    r"""Estimated :math:`E[\max(0, \lceil(\tau - L - t)/L\rceil)]` for each t (any shape).
+
+    Args:
+      meeting_times: (P,) sampled L-lag meeting times.
+      lag: the L they were sampled with.
+      t: iteration(s) at which to bound d_TV(pi_t, pi).
+    Returns:
+      np.ndarray of t's shape: the Monte Carlo estimate of the upper bound (values above 1 are
+      vacuous since d_TV <= 1).
+    """
+    lag = _couplings_checks().check_int("lag", lag, 1)
+    tau = np.asarray(meeting_times, np.float64).reshape(-1, 1)
+    t_arr = np.asarray(t, np.float64)
+    counts = np.maximum(0.0, np.ceil((tau - lag - t_arr.reshape(1, -1)) / lag))
+    return counts.mean(axis=0).reshape(t_arr.shape)
+
+
+def suggest_k_m(meeting_times, quantile: float = 0.99, m_factor: int = 5) -> tuple[int, int]:
+    r"""The rule of Jacob, O'Leary & Atchade (2020, Sec. 3.1): k = a large quantile of tau, m = c k.
+
+    k is the ``quantile`` of the sampled meeting times (rounded up; at least 1), so that for most
+    pairs the correction term is zero and H_{k:m} is close to an ordinary MCMC average; m is
+    ``m_factor * k`` (they recommend 5-10), which keeps the inefficiency relative to an ideal
+    MCMC average small. Returns ``(k, m)`` as Python ints.
+    """
+    q = _couplings_checks().check_probability("quantile", quantile)
+    m_factor = _couplings_checks().check_int("m_factor", m_factor, 1)
+    tau = np.asarray(meeting_times)
+    if tau.size == 0:
+        raise ValueError("meeting_times is empty.")
+    k = max(1, int(np.ceil(np.quantile(tau, q))))
+    return k, m_factor * k

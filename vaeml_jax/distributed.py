@@ -128,7 +128,7 @@ def data_parallel(estimator: GradientEstimator, mesh: Mesh):
     }
 
     def run(params, x, key):
-        from vaeml_jax.model import check_batch
+        from vaeml_jax.models.interface import check_batch
 
         check_batch(estimator.model, params, x)
         check_divisible(x.shape[0], mesh)

@@ -46,7 +46,12 @@ import numpy as np
 from jax.scipy.special import logsumexp
 
 from vaeml_jax.estimators._common import as_key, check_int
-from vaeml_jax.model import LatentVariableModel, check_batch, check_model, sample_and_log_proposal
+from vaeml_jax.models.interface import (
+    LatentVariableModel,
+    check_batch,
+    check_model,
+    sample_and_log_proposal,
+)
 
 __all__ = [
     "importance_log_likelihood",

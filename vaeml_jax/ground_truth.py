@@ -45,7 +45,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vaeml_jax.model import LatentVariableModel
+from vaeml_jax.models.interface import LatentVariableModel
 
 __all__ = [
     "GroundTruth",

@@ -184,7 +184,7 @@ def plot_run(
     """
     import jax
 
-    from vaeml_jax.train import (
+    from vaeml_jax.training import (
         MEETING_TIMES_FILE,
         RunDirError,
         load_data,

@@ -12,7 +12,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from vaeml_jax.model import LatentVariableModel
+from vaeml_jax.models.interface import LatentVariableModel
 
 __all__ = [
     "linear_gaussian_model",

@@ -12,10 +12,13 @@ Modules:
 * :mod:`.proposals`, :mod:`.integrators`: MALA proposal densities, leapfrog.
 * :mod:`.rwm`, :mod:`.mala`, :mod:`.hmc`: single and coupled kernels for any log density.
 * :mod:`.mixture`: the Heng & Jacob (2019) mixture of a CRN kernel with a maximal RWM step.
-* :mod:`.cis`: the VAE's CIS kernel (from :mod:`vaeml_jax.cis`, :mod:`vaeml_jax.coupling`).
+* :mod:`.cis`: the VAE's conditional-importance-sampling kernel and its maximal coupling.
 * :mod:`.debias`: the H_{k:m} driver, its signed-measure form, vmapping over pairs.
-* :mod:`.diagnostics`: meeting times, L-lag TV bounds, choosing k and m.
-* :mod:`.vae`: the VAE gradient estimator for one example through the general driver.
+* :mod:`.vae_reference`: the CIS kernels in ``step(key, state)`` form and the VAE gradient for one
+  example through the general driver (a reference for the fused estimators).
+
+Meeting-time diagnostics (sampled meeting times, L-lag TV bounds, choosing k and m) live in
+:mod:`vaeml_jax.diagnostics` and are re-exported here.
 
 Example::
 
@@ -35,7 +38,6 @@ from vaeml_jax.couplings import (
     base,
     cis,
     debias,
-    diagnostics,
     hmc,
     integrators,
     mala,
@@ -43,7 +45,7 @@ from vaeml_jax.couplings import (
     mixture,
     proposals,
     rwm,
-    vae,
+    vae_reference,
 )
 from vaeml_jax.couplings.base import CoupledInfo, CoupledState, Info, State, init
 from vaeml_jax.couplings.debias import (
@@ -54,14 +56,18 @@ from vaeml_jax.couplings.debias import (
     evaluate_signed_measure,
     run_pairs,
 )
-from vaeml_jax.couplings.diagnostics import sample_meeting_times, suggest_k_m, tv_upper_bound
-from vaeml_jax.couplings.vae import build_vae_gradient
+from vaeml_jax.couplings.vae_reference import build_vae_gradient
+from vaeml_jax.diagnostics import (
+    MeetingTimes,
+    sample_meeting_times,
+    suggest_k_m,
+    tv_upper_bound,
+)
 
 __all__ = [
     "base",
     "cis",
     "debias",
-    "diagnostics",
     "hmc",
     "integrators",
     "mala",
@@ -69,7 +75,7 @@ __all__ = [
     "mixture",
     "proposals",
     "rwm",
-    "vae",
+    "vae_reference",
     "State",
     "Info",
     "CoupledState",
@@ -81,6 +87,7 @@ __all__ = [
     "build_signed_measure",
     "evaluate_signed_measure",
     "run_pairs",
+    "MeetingTimes",
     "sample_meeting_times",
     "tv_upper_bound",
     "suggest_k_m",

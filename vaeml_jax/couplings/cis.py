@@ -1,99 +1,217 @@
-r"""The CIS kernel of the VAE estimator (:mod:`vaeml_jax.cis`) in this package's kernel form.
+r"""Conditional importance sampling (iterated SIR): the single-chain Markov kernel.
 
-The state is a :class:`vaeml_jax.cis.CISState` (S particles with their log joint and log
-proposal) for ONE example x; ``params`` and x are closed over at build time, so the kernels are
-``step(key, state) -> (state, info)`` like every other kernel here and plug into
-:mod:`~vaeml_jax.couplings.debias`.
+The state is the augmented tuple Z = (z_1, ..., z_S) of the IWAE. Its target is the extended
+distribution
 
-Coupled kernel (Ruiz et al. 2021): both chains use the SAME S-1 fresh proposals and their
-resampling indices are drawn from the maximal coupling (:func:`vaeml_jax.coupling.maximal_coupling`)
-of the two resampling distributions over the 2S particles of (X, Y), with Y's mass on a particle
-that is bit-identical to X's particle in the same slot moved onto X's copy. After the first coupled
-step the slots 1..S-1 are shared, so this is exactly the atom form of
-:func:`vaeml_jax.coupling.chain_views` (kept_x, kept_y, shared fresh); before it (independent
-X_0, Y_0) no slot is shared and the coupling is over 2S distinct atoms. Guarantees:
+.. math:: \bar\pi(z_{1:S}) \propto \hat Z(z_{1:S}) \prod_s q(z_s | x),
+          \qquad \hat Z = \frac1S \sum_s \frac{p(x, z_s)}{q(z_s | x)},
 
-* each chain alone is the single CIS kernel: X keeps particle b ~ Cat(wbar(X)), Y keeps
-  b' ~ Cat(wbar(Y)) (the moved mass lands on an identical particle), both refresh S-1 slots from q;
-* the kept particles coincide with probability sum_a min(p_x(a), p_y(a)), the largest possible,
-  and then the two tuples are identical (same fresh proposals);
-* equal states stay equal (faithful).
+under which one particle drawn with probability \bar w_s is an exact posterior draw and
+h(Z) = \sum_s \bar w_s \nabla_\theta \log p(x, z_s) has expectation \nabla_\theta \log p(x).
 
-Costs S-1 ``log_joint`` evaluations per coupled step (the fresh proposals are shared).
-In the degenerate case where every log weight is -inf the single kernel keeps slot 0 and the
-coupled kernel resamples uniformly; the two then differ in law (a zero-probability event for
-models with positive weights).
+One step: resample an index b ~ Cat(\bar w(Z)), keep z_b in slot 0 and refresh slots 1..S-1 with
+fresh draws from q. It leaves \bar\pi invariant up to the order of the particles (h and \hat Z
+are symmetric, so that order never matters), and the kept particle of a stationary chain is a
+posterior draw. Functions here act on ONE example; vmap them over a batch.
+
+Kernels follow blackjax: ``init`` and ``build_kernel(...) -> step`` over NamedTuple states.
+The same kernels in the general driver's ``step(key, state)`` form, closed over (params, x), are
+in :mod:`vaeml_jax.couplings.vae_reference`.
+
+**The coupling** of two CIS chains so that they meet: shared fresh proposals, maximally coupled
+resampling.
+
+The pair (X_t, Y_{t-1}) is stored compactly as S+1 *atoms*::
+
+    atoms = [kept_x, kept_y, f_1, ..., f_{S-1}]
+    X_t     = atoms[0, 2, ..., S]        Y_{t-1} = atoms[1, 2, ..., S]
+
+because both chains use the same S-1 fresh proposals f. Each chain's resampling distribution is a
+categorical over atoms (X puts no mass on atom 1, Y none on atom 0), and the two are drawn from
+their *maximal coupling*: the next kept particles coincide with probability
+
+.. math:: P(\text{meet}) = \sum_{j \ge 2} \min(\bar w^X_j, \bar w^Y_j),
+
+the overlap of the two resampling distributions, which is the largest meeting probability any
+coupling of these two draws can have. Once the kept particles coincide the two tuples are equal,
+both distributions are identical and the coupling keeps them equal forever (faithfulness).
+
+What this guarantees, and how it is tested: each chain alone is a CIS chain with the single-chain
+kernel's law (the coupling only correlates the two); meeting happens exactly with the overlap
+probability; met chains stay met. Meeting in finite time (with probability one) follows from the
+overlap being positive whenever the fresh proposals have positive weight.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from vaeml_jax import cis as _cis
-from vaeml_jax import coupling as _coupling
-from vaeml_jax.couplings import _checks
-from vaeml_jax.couplings.base import CoupledInfo, CoupledState
-from vaeml_jax.model import LatentVariableModel, check_model, log_weights
+from vaeml_jax.models.interface import LatentVariableModel, log_weights
 
-__all__ = ["build_rinit", "build_kernel", "build_coupled_kernel"]
-
-
-def _check(model, num_particles):
-    check_model(model)
-    return _checks.check_int(
-        "num_particles", num_particles, 2, " (with one particle the CIS kernel never moves)"
-    )
-
-
-def build_rinit(model: LatentVariableModel, params, x, num_particles: int) -> Callable:
-    """``rinit(key) -> CISState``: X_0 ~ q(.|x)^S (:func:`vaeml_jax.cis.init`)."""
-    S = _check(model, num_particles)
-    return lambda key: _cis.init(model, params, x, key, S)
+__all__ = [
+    "CISState",
+    "CISInfo",
+    "init",
+    "build_kernel",
+    "refresh",
+    "normalized_weights",
+    "AtomPair",
+    "maximal_coupling",
+    "overlap",
+    "resampling_distributions",
+    "coupled_select",
+    "chain_views",
+]
 
 
-def build_kernel(model: LatentVariableModel, params, x, num_particles: int) -> Callable:
-    """``step(key, CISState) -> (CISState, CISInfo)``: :func:`vaeml_jax.cis.build_kernel` for x."""
-    S = _check(model, num_particles)
-    inner = _cis.build_kernel(model, S)
-    return lambda key, state: inner(key, state, params, x)
+class CISState(NamedTuple):
+    """State of one CIS chain for one example.
+
+    Attributes:
+      particles: (S, *latent_shape) the augmented tuple z_{1:S}.
+      log_joint: (S,) log p(x, z_s).
+      log_proposal: (S,) log q(z_s | x).
+    """
+
+    particles: jax.Array
+    log_joint: jax.Array
+    log_proposal: jax.Array
+
+    @property
+    def log_weights(self) -> jax.Array:
+        lw = self.log_joint - self.log_proposal
+        return jnp.where(jnp.isnan(lw), -jnp.inf, lw)
 
 
-def build_coupled_kernel(model: LatentVariableModel, params, x, num_particles: int) -> Callable:
-    """``step(key, CoupledState) -> (CoupledState, CoupledInfo)``: the coupled CIS kernel for x."""
-    S = _check(model, num_particles)
+class CISInfo(NamedTuple):
+    """What one step did: the resampled index (into the previous tuple)."""
 
-    def step(key, state: CoupledState):
-        sx, sy = state.x, state.y
+    index: jax.Array
+
+
+def normalized_weights(log_w: jax.Array) -> jax.Array:
+    """Self-normalised weights softmax(log w) on the last axis; all -inf gives uniform, not NaN."""
+    all_bad = jnp.all(jnp.isneginf(log_w), axis=-1, keepdims=True)
+    log_w = jnp.where(all_bad, jnp.zeros_like(log_w), log_w)
+    return jax.nn.softmax(log_w, axis=-1)
+
+
+def init(model: LatentVariableModel, params, x, key, num_particles: int) -> CISState:
+    """X_0 ~ q^S: draw the tuple from the proposal (particles are not differentiated)."""
+    z = jax.lax.stop_gradient(model.sample_proposal(params, x, key, num_particles))
+    lj, lq, _ = log_weights(model, params, x, z)
+    return CISState(z, lj, lq)
+
+
+def refresh(model: LatentVariableModel, params, x, key, kept: jax.Array, num_particles: int):
+    """The tuple (kept, z'_1, ..., z'_{S-1}) with z' ~ q fresh; returns the new particles."""
+    fresh = jax.lax.stop_gradient(model.sample_proposal(params, x, key, num_particles - 1))
+    return jnp.concatenate([kept[None].astype(fresh.dtype), fresh], axis=0)
+
+
+def build_kernel(model: LatentVariableModel, num_particles: int):
+    """Return ``step(key, state, params, x) -> (state, CISInfo)``, one CIS transition.
+
+    Costs S-1 evaluations of log_joint: the kept particle's values are carried over.
+    """
+
+    def step(key, state: CISState, params, x):
         key_index, key_fresh = jax.random.split(key)
-        axes = tuple(range(1, sx.particles.ndim))
-        same = (
-            jnp.all(sx.particles == sy.particles, axis=axes)
-            & (sx.log_joint == sy.log_joint)
-            & (sx.log_proposal == sy.log_proposal)
-        )  # (S,) slots holding bit-identical particles
-        w_x = _cis.normalized_weights(sx.log_weights)
-        w_y = _cis.normalized_weights(sy.log_weights)
-        p_x = jnp.concatenate([w_x, jnp.zeros_like(w_y)])
-        p_y = jnp.concatenate([jnp.where(same, w_y, 0.0), jnp.where(same, 0.0, w_y)])
-        i, j = _coupling.maximal_coupling(key_index, p_x, p_y)
-        atoms = jnp.concatenate([sx.particles, sy.particles])
-        lj = jnp.concatenate([sx.log_joint, sy.log_joint])
-        lq = jnp.concatenate([sx.log_proposal, sy.log_proposal])
-        fresh = jax.lax.stop_gradient(model.sample_proposal(params, x, key_fresh, S - 1))
+        index = jax.random.categorical(key_index, state.log_weights)
+        index = jnp.where(jnp.all(jnp.isneginf(state.log_weights)), 0, index)
+        fresh = jax.lax.stop_gradient(
+            model.sample_proposal(params, x, key_fresh, num_particles - 1)
+        )
         lj_f, lq_f, _ = log_weights(model, params, x, fresh)
-
-        def tuple_of(a):
-            return _cis.CISState(
-                jnp.concatenate([atoms[a][None].astype(fresh.dtype), fresh]),
-                jnp.concatenate([lj[a][None], lj_f]),
-                jnp.concatenate([lq[a][None], lq_f]),
-            )
-
-        meet = i == j
-        true = jnp.ones((), bool)
-        return CoupledState(tuple_of(i), tuple_of(j)), CoupledInfo(true, true, meet)
+        particles = jnp.concatenate([state.particles[index][None], fresh], axis=0)
+        new = CISState(
+            particles,
+            jnp.concatenate([state.log_joint[index][None], lj_f]),
+            jnp.concatenate([state.log_proposal[index][None], lq_f]),
+        )
+        return new, CISInfo(index)
 
     return step
+
+
+class AtomPair(NamedTuple):
+    """A coupled pair (X_t, Y_{t-1}) for one example, in atom form.
+
+    Attributes:
+      atoms: (S+1, *latent_shape) [kept_x, kept_y, shared fresh ...].
+      log_joint: (S+1,) log p(x, atom).
+      log_proposal: (S+1,) log q(atom | x).
+      met: () bool, X_t == Y_{t-1} (then atoms 0 and 1 are the same particle).
+    """
+
+    atoms: jax.Array
+    log_joint: jax.Array
+    log_proposal: jax.Array
+    met: jax.Array
+
+
+def maximal_coupling(key, p: jax.Array, q: jax.Array):
+    r"""Draw (i, j) with i ~ p, j ~ q and P(i = j) = \sum_a \min(p_a, q_a), the maximum possible.
+
+    With probability omega = sum min(p, q) draw i = j ~ min(p, q) / omega; otherwise draw i from the
+    residual (p - min) / (1 - omega) and j from (q - min) / (1 - omega) independently (their
+    supports are disjoint, so i != j there).
+
+    Args:
+      key: a PRNG key.
+      p, q: (A,) probability vectors over the same atoms.
+    Returns:
+      ``(i, j)`` int32 scalars.
+    """
+    key_u, key_common, key_i, key_j = jax.random.split(key, 4)
+    common = jnp.minimum(p, q)
+    omega = jnp.sum(common)
+    tiny = jnp.finfo(p.dtype).tiny
+
+    def log_of(v):
+        return jnp.where(v > 0, jnp.log(jnp.maximum(v, tiny)), -jnp.inf)
+
+    same = jax.random.uniform(key_u, dtype=p.dtype) < omega
+    i_common = jax.random.categorical(key_common, log_of(common))
+    res_p = jnp.maximum(p - common, 0.0)
+    res_q = jnp.maximum(q - common, 0.0)
+    # If a residual is all zero (p == q up to rounding) fall back to the common draw.
+    i_res = jnp.where(jnp.sum(res_p) > 0, jax.random.categorical(key_i, log_of(res_p)), i_common)
+    j_res = jnp.where(jnp.sum(res_q) > 0, jax.random.categorical(key_j, log_of(res_q)), i_common)
+    i = jnp.where(same, i_common, i_res)
+    j = jnp.where(same, i_common, j_res)
+    return i.astype(jnp.int32), j.astype(jnp.int32)
+
+
+def overlap(p: jax.Array, q: jax.Array) -> jax.Array:
+    """sum_a min(p_a, q_a): the probability that a maximal coupling of p and q draws i = j."""
+    return jnp.sum(jnp.minimum(p, q))
+
+
+def chain_views(log_w_atoms: jax.Array, met: jax.Array):
+    """Log weights of X's tuple (atoms 0,2..S) and Y's tuple (atoms 1,2..S) as (S+1,) vectors.
+
+    The atom a chain does not own gets -inf. When met, Y's kept particle is the same particle as
+    X's, so Y's mass on it is placed on atom 0 (the two distributions then coincide exactly).
+    """
+    neg_inf = jnp.full((1,), -jnp.inf, log_w_atoms.dtype)
+    lw_x = jnp.concatenate([log_w_atoms[:1], neg_inf, log_w_atoms[2:]])
+    lw_y_unmet = jnp.concatenate([neg_inf, log_w_atoms[1:2], log_w_atoms[2:]])
+    lw_y = jnp.where(met, lw_x, lw_y_unmet)
+    return lw_x, lw_y
+
+
+def resampling_distributions(log_w_atoms: jax.Array, met: jax.Array):
+    """The two chains' resampling distributions over the S+1 atoms: (p_x, p_y)."""
+    lw_x, lw_y = chain_views(log_w_atoms, met)
+    return normalized_weights(lw_x), normalized_weights(lw_y)
+
+
+def coupled_select(key, log_w_atoms: jax.Array, met: jax.Array):
+    """Maximally coupled resampling: atom indices (i, j) kept by X and Y, and whether they meet."""
+    p_x, p_y = resampling_distributions(log_w_atoms, met)
+    i, j = maximal_coupling(key, p_x, p_y)
+    return i, j, i == j

@@ -30,7 +30,7 @@ Guarantee: if the coupled kernel has K as both marginals, is faithful (met chain
 The ONE source of bias is ``max_iters``: a pair still unmet after ``max_iters`` coupled steps is
 stopped, its correction truncated and its ``capped`` flag set; estimates from capped pairs are
 biased and should be counted, not silently averaged. Pick ``max_iters`` far in the tail of tau
-(:mod:`~vaeml_jax.couplings.diagnostics`).
+(:mod:`~vaeml_jax.diagnostics`).
 
 Two forms of the same estimator:
 

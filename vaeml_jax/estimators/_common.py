@@ -12,8 +12,8 @@ import jax.numpy as jnp
 from jax.scipy.special import logsumexp
 
 from vaeml_jax import diagnostics
-from vaeml_jax.cis import normalized_weights
-from vaeml_jax.model import LatentVariableModel, check_batch, sample_and_log_proposal
+from vaeml_jax.couplings.cis import normalized_weights
+from vaeml_jax.models.interface import LatentVariableModel, check_batch, sample_and_log_proposal
 
 ENCODER_OBJECTIVES = ("elbo", "iwae", "inclusive_kl", "iwae_dreg", "chi2")
 # Objectives computed by :func:`encoder_loss` on reparameterised draws z = g_phi(eps).

@@ -48,10 +48,9 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from vaeml_jax.cis import normalized_weights
-from vaeml_jax.coupling import coupled_select
+from vaeml_jax.couplings.cis import coupled_select, normalized_weights
 from vaeml_jax.estimators import _common
-from vaeml_jax.model import proposal_sampler
+from vaeml_jax.models.interface import proposal_sampler
 
 # Stages this narrow run forward passes only and batch their backward passes (see above).
 DEFER_AT_MOST = 4

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from vaeml_jax.estimators import _common
-from vaeml_jax.model import LatentVariableModel, check_model
+from vaeml_jax.models.interface import LatentVariableModel, check_model
 
 __all__ = ["make_iwae_grad", "make_elbo_grad"]
 

@@ -13,9 +13,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from vaeml_jax.cis import normalized_weights
+from vaeml_jax.couplings.cis import normalized_weights
 from vaeml_jax.estimators import _common
-from vaeml_jax.model import LatentVariableModel, check_model
+from vaeml_jax.models.interface import LatentVariableModel, check_model
 
 __all__ = ["make_mcmc_grad"]
 

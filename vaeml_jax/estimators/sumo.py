@@ -62,7 +62,7 @@ import jax
 import jax.numpy as jnp
 
 from vaeml_jax.estimators import _common
-from vaeml_jax.model import LatentVariableModel, check_batch, check_model
+from vaeml_jax.models.interface import LatentVariableModel, check_batch, check_model
 
 __all__ = ["sumo_log_likelihood", "make_sumo_grad", "sumo_expected_num_terms"]
 

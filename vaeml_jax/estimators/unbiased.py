@@ -36,11 +36,10 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from vaeml_jax.cis import normalized_weights
-from vaeml_jax.coupling import chain_views, coupled_select
+from vaeml_jax.couplings.cis import chain_views, coupled_select, normalized_weights
 from vaeml_jax.estimators import _common, _rejuvenation, _scheduled
 from vaeml_jax.estimators._rejuvenation import Rejuvenation
-from vaeml_jax.model import LatentVariableModel, check_model
+from vaeml_jax.models.interface import LatentVariableModel, check_model
 
 __all__ = ["make_unbiased_grad", "jacob_coefficients", "Rejuvenation"]
 

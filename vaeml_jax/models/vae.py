@@ -60,8 +60,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from vaeml_jax.encoders import FullCovGaussianMLP, IAFGaussianMLP
-from vaeml_jax.model import LatentVariableModel
+from vaeml_jax.models.encoders import FullCovGaussianMLP, IAFGaussianMLP
+from vaeml_jax.models.interface import LatentVariableModel
 
 __all__ = [
     "VAEConfig",
@@ -154,7 +154,7 @@ class VAEConfig:
       dtype: parameter dtype, ``"float32"`` or ``"float64"`` (the latter needs
         ``jax.config.update("jax_enable_x64", True)``).
       encoder: the proposal family q(z|x) (one stochastic layer only; see
-        :mod:`vaeml_jax.encoders`): ``"diag"`` (default, the paper's diagonal Gaussian),
+        :mod:`vaeml_jax.models.encoders`): ``"diag"`` (default, the paper's diagonal Gaussian),
         ``"full_cov"`` (Gaussian with a full lower-triangular Cholesky factor from the encoder
         MLP) or ``"iaf"`` (a diagonal Gaussian followed by ``iaf_layers`` inverse autoregressive
         flow steps; NOTE ``log_proposal`` then costs latent_dim MADE passes per step).

@@ -1,11 +1,12 @@
 """The maximal coupling of the two chains' resampling steps, tested by its defining properties.
 
-What :mod:`vaeml_jax.coupling` claims, and how each claim is checked here with fixed seeds:
+What the coupling part of :mod:`vaeml_jax.couplings.cis` claims, and how each claim is checked
+here with fixed seeds:
 
 * marginals: i ~ p and j ~ q exactly (chi-square goodness of fit, Bonferroni over all checks);
 * meeting: P(i = j) = sum_a min(p_a, q_a), the overlap (z-test of the empirical frequency);
 * in the coupled CIS step each chain's next kept particle has the law of the single-chain kernel
-  :func:`vaeml_jax.cis.build_kernel` applied to that chain's own tuple;
+  :func:`vaeml_jax.couplings.cis.build_kernel` applied to that chain's own tuple;
 * faithfulness: once the kept particles coincide they stay equal for every later step.
 
 Every statistic is also run on a planted bug and must reject it by a wide margin: a "coupling"
@@ -20,8 +21,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from vaeml_jax import cis, coupling
-from vaeml_jax.coupling import coupled_select, maximal_coupling, overlap
+from vaeml_jax.couplings import cis
+from vaeml_jax.couplings.cis import coupled_select, maximal_coupling, overlap
 
 N = 100_000  # draws per statistic; SE of a frequency <= 0.0016
 ALPHA = 1e-4  # family-wise false-alarm probability of each test function (Bonferroni inside)
@@ -162,7 +163,8 @@ def coupled_step_report(seed=0, log_w_atoms=LOG_W_ATOMS):
     """Law of X's and Y's next kept atom under the coupled step vs the single-chain CIS kernel.
 
     A 1-D latent whose S+1 atoms are distinct values with log weights ``log_w_atoms``. The
-    single-chain kernel :func:`vaeml_jax.cis.build_kernel` is run on X's own tuple and on Y's own
+    single-chain kernel :func:`vaeml_jax.couplings.cis.build_kernel` is run on X's own tuple and
+    on Y's own
     tuple (with a model whose log weights reproduce the atoms'); the coupled step keeps atoms
     (i, j) from :func:`coupled_select`. Returns chi-square p-values of the coupled marginals
     against the exact single-chain law, two-sample p-values coupled vs single-chain draws, and the
@@ -213,7 +215,7 @@ def coupled_step_report(seed=0, log_w_atoms=LOG_W_ATOMS):
 
 def _atom_model():
     """A model over the fixed 1-D atoms used as a CIS target: only its log weights matter."""
-    from vaeml_jax.model import LatentVariableModel
+    from vaeml_jax.models.interface import LatentVariableModel
 
     def log_joint(params, x, z):
         idx = jnp.round(z[0] / 10.0).astype(jnp.int32)
@@ -244,7 +246,7 @@ def test_each_coupled_chain_has_the_single_chain_marginal():
 
 
 def test_same_statistic_rejects_coupling_with_wrong_marginals(monkeypatch):
-    monkeypatch.setattr(coupling, "maximal_coupling", _naive_coupling)
+    monkeypatch.setattr(cis, "maximal_coupling", _naive_coupling)
     report = coupled_step_report(seed=10)
     assert not _step_passes(report)
     assert min(report["p_x_exact"], report["p_y_exact"]) < 1e-100, report
@@ -252,7 +254,7 @@ def test_same_statistic_rejects_coupling_with_wrong_marginals(monkeypatch):
 
 def test_met_chains_resample_identically():
     """When met, both chains' resampling distributions are X's, and every draw has i == j."""
-    p_x, p_y = coupling.resampling_distributions(LOG_W_ATOMS, jnp.asarray(True))
+    p_x, p_y = cis.resampling_distributions(LOG_W_ATOMS, jnp.asarray(True))
     np.testing.assert_array_equal(p_x, p_y)
     assert float(p_x[1]) == 0.0  # mass of the shared kept particle sits on atom 0
     keys = jax.random.split(jax.random.key(4), 20_000)
@@ -263,7 +265,7 @@ def test_met_chains_resample_identically():
 
 
 def test_chain_views_exclude_the_other_chains_kept_particle():
-    lw_x, lw_y = coupling.chain_views(LOG_W_ATOMS, jnp.asarray(False))
+    lw_x, lw_y = cis.chain_views(LOG_W_ATOMS, jnp.asarray(False))
     assert bool(jnp.isneginf(lw_x[1])) and bool(jnp.isneginf(lw_y[0]))
     np.testing.assert_array_equal(lw_x[2:], LOG_W_ATOMS[2:])
     np.testing.assert_array_equal(lw_y[2:], LOG_W_ATOMS[2:])
@@ -326,7 +328,7 @@ def _independent_coupling(key, p, q):
 def test_faithfulness_check_rejects_uncoupled_resampling(monkeypatch):
     """Planted bug: independent resampling. Chains still meet now and then (i == j by chance) but
     separate again, which the faithfulness count sees; the meeting statistic rejects it too."""
-    monkeypatch.setattr(coupling, "maximal_coupling", _independent_coupling)
+    monkeypatch.setattr(cis, "maximal_coupling", _independent_coupling)
     equal, met = _run_coupled_chains(num_pairs=2000, num_steps=60, seed=5)
     assert _faithfulness_violations(equal, met) > 1000
     report = coupling_report(_independent_coupling, *PAIRS["generic"], seed=1)
