@@ -15,6 +15,14 @@ start. Old checkpoints beyond ``keep`` are first *renamed* into ``checkpoints/_t
 rename) and only then deleted, so a kill during clean-up cannot leave a half-deleted directory that
 looks like a checkpoint. :meth:`Checkpointer.restore` falls back to the previous checkpoint (with a
 warning) should the newest one nevertheless fail to read.
+
+Several processes. Every process of a multi-process run creates the :class:`Checkpointer` and calls
+:meth:`~Checkpointer.save` and :meth:`~Checkpointer.restore` at the same point (Orbax writes and
+reads collectively; the directory must be one that every process sees: a shared file system, or
+the same machine). Orbax's primary process (0) renames a finished checkpoint into place and
+cleans up; ``_trash/`` is emptied by process 0 only. A checkpoint holds whole arrays, not
+per-process pieces, so it restores on any number of processes and devices (one included): the
+target shardings come from the template, see :func:`_abstract`.
 """
 
 from __future__ import annotations
@@ -219,7 +227,7 @@ class Checkpointer:
         self.close()
 
     def _clear_trash(self) -> None:
-        if self._read_only:
+        if self._read_only or jax.process_index() != 0:
             return
         trash = self.directory / TRASH
         if trash.exists():

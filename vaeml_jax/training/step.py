@@ -97,11 +97,14 @@ def metric_shapes(grad_fn, train_step, state, batch, key) -> dict:
     }
 
 
-def make_epoch_runner(train_step: Callable):
+def make_epoch_runner(train_step: Callable, mesh: jax.sharding.Mesh | None = None):
     """Jitted ``(state, buffers, batches, i, steps_key) -> (state, buffers)``: step i of an epoch.
 
     The step's key is ``fold_in(steps_key, i)``; its metrics are written at row i of the on-device
-    ``buffers`` (donated, so no copy per step).
+    ``buffers`` (donated, so no copy per step). With a ``mesh``, the state and the buffers come
+    out replicated on every device of it: each process reads the whole epoch's metrics from its
+    own devices, without a collective (place the first buffers with
+    :func:`vaeml_jax.distributed.replicate`).
     """
 
     def run(state, buffers, batches, i, steps_key):
@@ -110,4 +113,7 @@ def make_epoch_runner(train_step: Callable):
         buffers = jax.tree.map(lambda buf, v: buf.at[i].set(v), buffers, metrics)
         return state, buffers
 
-    return jax.jit(run, donate_argnums=(1,))
+    if mesh is None:
+        return jax.jit(run, donate_argnums=(1,))
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    return jax.jit(run, donate_argnums=(1,), out_shardings=(replicated, replicated))
