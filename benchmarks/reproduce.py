@@ -430,7 +430,8 @@ def train_and_score(a, cfg: TrainConfig, label: str, run_dir: Path, test_x, log)
         "final_objective": last["objective"],
         "meeting_time_mean_last_epoch": last["meeting_time_mean"],
         "meeting_time_max_last_epoch": last["meeting_time_max"],
-        "capped_fraction_per_epoch": [r["capped_fraction"] for r in records],
+        # null for epochs without coupled chains (IWAE, a warm start): no lane capped there
+        "capped_fraction_per_epoch": [r["capped_fraction"] or 0.0 for r in records],
         "test_ll": ev["test_log_likelihood"],
         "test_ll_stderr_examples": ev["test_log_likelihood_stderr"],
         "test_elbo": ev["test_elbo"],

@@ -19,6 +19,7 @@ from vaeml_jax.training.config import TrainConfig
 __all__ = [
     "epoch_record",
     "epoch_diagnostics",
+    "has_chains",
     "record_summary",
     "HealthMonitor",
     "progress_postfix",
@@ -51,21 +52,25 @@ def epoch_record(
       evaluation: the entries of :func:`evaluate_during_training`, when the epoch evaluated.
       phase, estimator: ``"warm_start"`` or ``"main"``, and the estimator the epoch used.
 
-    The diagnostics (:func:`epoch_diagnostics`) are JSON ``null`` where undefined (no importance
-    weights, too few lanes for the tail index), never NaN.
+    Every statistic is JSON ``null`` where it is undefined, never NaN and never a stand-in 0: the
+    meeting times and capped fraction of an estimator without coupled chains (a warm-start IWAE
+    epoch, say), the diagnostics (:func:`epoch_diagnostics`) without importance weights or with too
+    few lanes for the tail index.
     """
     steps = host["bound"].shape[0]
     mt = host["meeting_time"].astype(np.float64)
     it = host["num_iters"].astype(np.float64)
+    chains = has_chains(host)
+    iterates = chains or bool(np.any(it > 0))  # MCMC runs one chain: iterations, no meeting
     examples = steps * batch_size
     record: dict[str, Any] = {
         "epoch": epoch,
         "objective": float(np.mean(host["bound"].astype(np.float64))),
-        "meeting_time_mean": float(mt.mean()),
-        "meeting_time_max": int(mt.max()),
-        "num_iters_mean": float(it.mean()),
-        "num_iters_max": int(it.max()),
-        "capped_fraction": float(np.mean(host["capped"])),
+        "meeting_time_mean": float(mt.mean()) if chains else None,
+        "meeting_time_max": int(mt.max()) if chains else None,
+        "num_iters_mean": float(it.mean()) if iterates else None,
+        "num_iters_max": int(it.max()) if iterates else None,
+        "capped_fraction": float(np.mean(host["capped"])) if chains else None,
         "num_log_joint_evals": int(np.sum(host["num_log_joint_evals"].astype(np.int64))),
         "steps": steps,
         "examples": examples,
@@ -83,6 +88,12 @@ def epoch_record(
     if evaluation:
         record.update(evaluation)
     return record
+
+
+def has_chains(host: dict[str, np.ndarray]) -> bool:
+    """Whether the epoch ran coupled chains (a meeting time is >= 1 wherever chains ran; the
+    estimators without chains report 0)."""
+    return bool(np.any(host["meeting_time"] > 0))
 
 
 DIAGNOSTIC_KEYS = (
@@ -180,8 +191,9 @@ def progress_postfix(
     post = {
         "obj": f"{float(np.mean(host['bound'][:done])):.2f}",
         "ex/s": f"{done * batch_size / max(elapsed, 1e-9):.0f}",
-        "tau": f"{float(mt.mean()):.2f}/{int(mt.max())}",
     }
+    if np.any(mt > 0):  # mean/max meeting time: only where coupled chains ran
+        post["tau"] = f"{float(mt.mean()):.2f}/{int(mt.max())}"
     ess = host.get("ess")
     if ess is not None and np.any(np.isfinite(ess[:done])):
         post["ess"] = f"{float(np.nanmean(ess[:done])):.1f}"
@@ -193,12 +205,13 @@ def progress_postfix(
 
 def format_record(r: dict[str, Any], epochs: int) -> str:
     """The one log line per epoch."""
-    s = (
-        f"epoch {r['epoch']}/{epochs}  objective {r['objective']:.3f}  "
-        f"tau mean {r['meeting_time_mean']:.2f} max {r['meeting_time_max']}  "
-        f"capped {r['capped_fraction']:.2%}  {r['examples_per_second']:.0f} ex/s  "
-        f"{r['wall_time']:.1f}s"
-    )
+    s = f"epoch {r['epoch']}/{epochs}  objective {r['objective']:.3f}  "
+    if r.get("meeting_time_mean") is not None:  # coupled chains ran
+        s += (
+            f"tau mean {r['meeting_time_mean']:.2f} max {r['meeting_time_max']}  "
+            f"capped {r['capped_fraction']:.2%}  "
+        )
+    s += f"{r['examples_per_second']:.0f} ex/s  {r['wall_time']:.1f}s"
     if r.get("ess_mean") is not None:
         s += f"  ess {r['ess_mean']:.2f}"
     if r.get("tail_index") is not None:
@@ -219,8 +232,11 @@ def format_duration(seconds: float) -> str:
     return f"~{seconds / 3600:.1f} h"
 
 
-def evaluate_during_training(vae, params, eval_x, config: TrainConfig, key) -> dict[str, Any]:
-    """``--eval-every``: the IS test log-likelihood (K = ``eval_num_samples``) and ELBO."""
+def evaluate_during_training(
+    vae, params, eval_x, config: TrainConfig, key, mesh=None
+) -> dict[str, Any]:
+    """``--eval-every``: the IS test log-likelihood (K = ``eval_num_samples``) and ELBO, its
+    examples split over the devices of ``mesh`` (the training mesh) when one is given."""
     from vaeml_jax.evaluation import evaluate
 
     res = evaluate(
@@ -232,6 +248,7 @@ def evaluate_during_training(vae, params, eval_x, config: TrainConfig, key) -> d
         num_samples=config.eval_num_samples,
         chunk_size=min(500, config.eval_num_samples),
         batch_size=min(100, eval_x.shape[0]),
+        mesh=mesh,
     )
     return {
         "test_log_likelihood": float(res["test_log_likelihood"]),
