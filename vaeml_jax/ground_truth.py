@@ -1,4 +1,4 @@
-r"""Models whose log-likelihood and maximum-likelihood fit are known exactly (issue 10).
+r"""Models whose log-likelihood and maximum-likelihood fit are known exactly.
 
 Two ground truths against which every gradient estimator can be judged by what it converges to:
 
@@ -17,7 +17,7 @@ Two ground truths against which every gradient estimator can be judged by what i
    unable to match the posterior: the prior itself (q(z|x) = N(0, I_d)) or a fixed-variance
    amortised encoder q(z|x) = N(A x + c, \sigma_0^2 I_d) with \sigma_0 fixed. Bound-based training
    (ELBO, IWAE-S) then converges to a different fit; an unbiased estimator of
-   \nabla_\theta \log p_\theta(x) has the ML fit as its stochastic-approximation fixed point.
+   :math:`\nabla_\theta \log p_\theta(x)` has the ML fit as its stochastic-approximation fixed point.
 
 2. **A VAE with a 2-D (or 1-D) latent** and a Bernoulli MLP decoder, whose
 
@@ -30,7 +30,7 @@ Two ground truths against which every gradient estimator can be judged by what i
    ``jax.grad`` of the same expression.
 
 Every exact gradient here follows the estimators' convention: ``grads`` has the structure of
-``params`` and holds the gradient of the LOSS -(1/B) \sum_i \log p_\theta(x_i) (zeros on the
+``params`` and holds the gradient of the LOSS :math:`-(1/B) \sum_i \log p_\theta(x_i)` (zeros on the
 parameters only the proposal reads), so ``make_exact_grad(...)`` plugs in wherever an estimator
 does.
 """
@@ -81,7 +81,7 @@ class GroundTruth(NamedTuple):
 
     Attributes:
       model: the :class:`~vaeml_jax.LatentVariableModel` the estimators see.
-      log_likelihood: ``(params, x) -> (B,)``, the exact \log p_\theta(x_i) of a batch x (B, D).
+      log_likelihood: ``(params, x) -> (B,)``, the exact :math:`\log p_\theta(x_i)` of a batch x (B, D).
       name: a short label.
     """
 
@@ -91,16 +91,16 @@ class GroundTruth(NamedTuple):
 
 
 def exact_log_likelihood(ground_truth: GroundTruth, params: Params, x: Array) -> Array:
-    r"""Mean exact log-likelihood per datapoint, (1/B) \sum_i \log p_\theta(x_i), a scalar."""
+    r"""Mean exact log-likelihood per datapoint, :math:`(1/B) \sum_i \log p_\theta(x_i)`, a scalar."""
     return jnp.mean(ground_truth.log_likelihood(params, x))
 
 
 def make_exact_grad(ground_truth: GroundTruth):
     r"""The exact gradient behind the estimators' interface: ``grads, info = fn(params, x, key)``.
 
-    grads = \nabla_{params} [-(1/B) \sum_i \log p_\theta(x_i)] with the structure of ``params``
-    (zeros on the proposal's parameters, which \log p_\theta(x) does not read); ``key`` is ignored.
-    ``info`` holds ``bound`` (B,), the exact \log p_\theta(x_i), and, for a uniform interface,
+    :math:`\text{grads} = \nabla_\text{params} [-(1/B) \sum_i \log p_\theta(x_i)]` with the structure
+    of ``params`` (zeros on the proposal's parameters, which :math:`\log p_\theta(x)` does not read);
+    ``key`` is ignored. ``info`` holds ``bound`` (B,), the exact :math:`\log p_\theta(x_i)`, and, for a uniform interface,
     ``meeting_time``/``num_iters``/``capped`` (B, 1) zeros and ``num_log_joint_evals`` 0.
     """
 
@@ -225,7 +225,7 @@ def ppca_sample(key: Array, params: Params, num: int) -> Array:
 
 
 def ppca_log_likelihood(params: Params, x: Array) -> Array:
-    r"""Exact \log p_\theta(x_i) = \log N(x_i; b, W W^\top + s^2 I_D) for x (B, D): (B,)."""
+    r"""Exact :math:`\log p_\theta(x_i) = \log N(x_i; b, W W^\top + s^2 I_D)` for x (B, D): (B,)."""
     dec = params["decoder"]
     W, b = dec["W"], dec["b"]
     D = W.shape[0]
@@ -343,9 +343,9 @@ def _mlp(layers, h):
 def grid_vae(grid: QuadratureGrid, proposal_std: float | None = None) -> GroundTruth:
     r"""A VAE with a low-dimensional latent whose log-likelihood is exact by quadrature.
 
-    p(z) = N(0, I_d); p_\theta(x | z) = \prod_j Bernoulli(x_j; \sigma(f_\theta(z)_j)) with f an MLP
-    (tanh hidden layers); q_\phi(z | x) = N(\mu_\phi(x), diag \sigma_\phi(x)^2), an MLP emitting
-    (\mu, \log\sigma). params = ``{"decoder": [layers], "encoder": [layers]}``, each layer
+    :math:`p(z) = N(0, I_d)`; :math:`p_\theta(x | z) = \prod_j \text{Bernoulli}(x_j;
+    \sigma(f_\theta(z)_j))` with f an MLP (tanh hidden layers); :math:`q_\phi(z | x) =
+    N(\mu_\phi(x), \text{diag}\, \sigma_\phi(x)^2)`, an MLP emitting :math:`(\mu, \log\sigma)`. params = ``{"decoder": [layers], "encoder": [layers]}``, each layer
     ``{"w", "b"}`` (see :func:`grid_vae_init`).
 
     ``proposal_std`` = sigma0 fixes \sigma_\phi(x) = sigma0 (the encoder's log-sigma output is
@@ -427,7 +427,7 @@ def grid_vae_init(
 
 
 def grid_vae_log_likelihood(params: Params, x: Array, grid: QuadratureGrid) -> Array:
-    r"""\log p_\theta(x_i) by quadrature on ``grid`` for x (B, D) binary: (B,)."""
+    r""":math:`\log p_\theta(x_i)` by quadrature on ``grid`` for x (B, D) binary: (B,)."""
     logits = _mlp(params["decoder"], grid.z)  # (G, D)
     table = x @ logits.T - jnp.sum(jax.nn.softplus(logits), axis=-1)  # (B, G) log p(x_i | z_g)
     return jax.nn.logsumexp(table + grid.log_w, axis=-1)
@@ -436,7 +436,7 @@ def grid_vae_log_likelihood(params: Params, x: Array, grid: QuadratureGrid) -> A
 def grid_resolution_gap(
     params: Params, x: Array, coarse: QuadratureGrid, fine: QuadratureGrid
 ) -> float:
-    """max_i |log p(x_i) on ``fine`` - log p(x_i) on ``coarse``| in nats: the quadrature error
+    """The largest difference over i of log p(x_i) on ``fine`` and on ``coarse``, in nats: the quadrature error
     estimate of the coarse grid (the fine grid's own error being much smaller)."""
     a = grid_vae_log_likelihood(params, x, coarse)
     b = grid_vae_log_likelihood(params, x, fine)

@@ -10,7 +10,8 @@ epoch's per-step metrics on the host. :func:`check_finite` turns a non-finite st
 Randomness: with ``root = jax.random.key(seed)``, parameters come from ``fold_in(root, 0)``,
 epoch ``e`` (0-based) draws its permutation, binarisation and estimator keys from
 ``fold_in(fold_in(root, 1), e)`` and its in-training evaluation from
-``fold_in(fold_in(root, 2), e)``.
+``fold_in(fold_in(root, 2), e)``; the steps timed ahead of the main phase (their results dropped)
+use ``fold_in(root, 3)``.
 """
 
 from __future__ import annotations
@@ -223,10 +224,13 @@ class EpochRunner:
         left in the run); its statistics are fetched from the device at most every
         ``progress_interval`` seconds. Without it the device is synchronised once per epoch, and
         once more after the first timed steps.
-      log: where the estimate of the run's length goes (once, after the first timed steps).
+      log: where the compile lines and the estimate of the run's length go (once, after the
+        first timed steps).
       end_epoch: the epoch this runner's estimate runs to (default: the run's last).
       label: what the estimate is of (``"warm-start phase"``); default ``"total"`` or
         ``"remaining"``.
+      later_seconds: the estimated seconds of the phases after this one, or None while one of them
+        is untimed (default: no later phase); the bar's time left is the whole run's.
     """
 
     def __init__(
@@ -239,8 +243,10 @@ class EpochRunner:
         log: Callable[[str], None],
         end_epoch: int | None = None,
         label: str | None = None,
+        later_seconds: Callable[[], float | None] | None = None,
     ):
         self.job = job
+        self.later_seconds = later_seconds
         self.end_epoch = job.config.epochs if end_epoch is None else end_epoch
         self.label = label
         self.start_epoch = start_epoch
@@ -250,7 +256,60 @@ class EpochRunner:
         self._run_step = make_epoch_runner(job.train_step)
         self._compiled = None
         self._metric_shapes = None
+        self._compile_seconds: float | None = None  # reported with the phase's first epoch
+        self._timed = False  # this phase's own first steps timed (not only probed)
         self.seconds_per_step: float | None = None  # measured after compilation
+
+    @property
+    def step_name(self) -> str:
+        """``"unbiased training step (S=10)"``, ``"iwae warm-start step (S=5)"``."""
+        c = self.job.config
+        kind = "warm-start step" if self.job.phase == "warm_start" else "training step"
+        return f"{c.estimator} {kind} (S={c.num_particles})"
+
+    def compile(self, state: TrainState, epoch: int) -> None:
+        """Compile the step ahead of time (once; epoch timings then exclude it), with a line
+        before and after: on CPU the unbiased step takes about a minute, which would otherwise
+        pass in silence."""
+        if self._compiled is not None:
+            return
+        job = self.job
+        batches, steps_key = job.epoch_data(epoch)
+        self.log(f"vaeml: compiling the {self.step_name} ...")
+        tc = time.perf_counter()
+        self._metric_shapes = metric_shapes(
+            job.grad_fn, job.train_step, state, batches[0], steps_key
+        )
+        buffers = self._buffers()
+        self._compiled = self._run_step.lower(state, buffers, batches, 0, steps_key).compile()
+        self._compile_seconds = time.perf_counter() - tc
+        self.log(f"vaeml: compiling the {self.step_name}: done in {self._compile_seconds:.0f} s")
+
+    def _buffers(self):
+        steps = self.job.steps_per_epoch
+        return jax.tree.map(lambda s: jnp.zeros((steps, *s.shape), s.dtype), self._metric_shapes)
+
+    def probe(self, state: TrainState, epoch: int, key: jax.Array, num_steps: int) -> float:
+        """Time ``num_steps`` steps from ``state`` on 0-based ``epoch``'s batches and ``key``
+        (their results are dropped: the run's randomness and state do not change); returns and
+        keeps the seconds per step, the estimate of this phase before it starts."""
+        self.compile(state, epoch)
+        batches, _ = self.job.epoch_data(epoch)
+        buffers = self._buffers()
+        num_steps = min(num_steps, self.job.steps_per_epoch)
+        t0 = time.perf_counter()
+        for i in range(num_steps):
+            state, buffers = self._compiled(state, buffers, batches, i, key)
+        jax.block_until_ready((state, buffers))
+        self.seconds_per_step = (time.perf_counter() - t0) / num_steps
+        return self.seconds_per_step
+
+    def phase_seconds(self) -> float | None:
+        """Estimated seconds of this phase's epochs, from its (probed or timed) step time."""
+        if self.seconds_per_step is None:
+            return None
+        epochs = self.end_epoch - self.start_epoch
+        return self.seconds_per_step * epochs * self.job.steps_per_epoch
 
     def run(self, state: TrainState, epoch: int) -> tuple[TrainState, dict, float, float | None]:
         """Run 0-based ``epoch``: ``(state, host_metrics, seconds, compile_seconds or None)``.
@@ -261,17 +320,10 @@ class EpochRunner:
         from tqdm.auto import tqdm
 
         job, config, steps = self.job, self.job.config, self.job.steps_per_epoch
+        self.compile(state, epoch)  # ahead of time, so epoch timings exclude it
+        compile_seconds, self._compile_seconds = self._compile_seconds, None
         batches, steps_key = job.epoch_data(epoch)
-        if self._metric_shapes is None:
-            self._metric_shapes = metric_shapes(
-                job.grad_fn, job.train_step, state, batches[0], steps_key
-            )
-        buffers = jax.tree.map(lambda s: jnp.zeros((steps, *s.shape), s.dtype), self._metric_shapes)
-        compile_seconds = None
-        if self._compiled is None:  # compiled ahead of time so epoch timings exclude it
-            tc = time.perf_counter()
-            self._compiled = self._run_step.lower(state, buffers, batches, 0, steps_key).compile()
-            compile_seconds = time.perf_counter() - tc
+        buffers = self._buffers()
         bar = tqdm(  # opened after compiling, so its rate and ETA are the steps' alone
             total=steps,
             desc=f"epoch {epoch + 1}/{config.epochs}",
@@ -280,7 +332,7 @@ class EpochRunner:
             file=sys.stderr,
             unit="step",
         )
-        timing = self.seconds_per_step is None
+        timing = not self._timed
         t0 = time.perf_counter()
         last_refresh, shown = t0, 0
         for i in range(steps):
@@ -306,18 +358,26 @@ class EpochRunner:
         return state, host, seconds, compile_seconds
 
     def _steps_left(self, epoch: int, done: int) -> int:
-        return (self.job.config.epochs - epoch) * self.job.steps_per_epoch - done
+        """Steps left in this runner's phase."""
+        return (self.end_epoch - epoch) * self.job.steps_per_epoch - done
 
     def _postfix(self, host: dict, done: int, elapsed: float, epoch: int) -> dict[str, str]:
         post = progress_postfix(host, done, elapsed, self.job.config.batch_size)
         if done:
-            post["run left"] = format_duration(elapsed / done * self._steps_left(epoch, done))
+            left = elapsed / done * self._steps_left(epoch, done)
+            later = self.later_seconds() if self.later_seconds else 0.0
+            post["run left"] = (
+                format_duration(left + later)
+                if later is not None
+                else format_duration(left) + " + next phase"  # untimed until it is probed
+            )
         return post
 
     def _estimate(self, done: int, seconds: float, epoch: int) -> None:
         """Log the run's estimated length from its first ``done`` timed steps (once)."""
         config, steps = self.job.config, self.job.steps_per_epoch
         self.seconds_per_step = seconds / done
+        self._timed = True
         epochs = self.end_epoch - self.start_epoch
         total = self.seconds_per_step * epochs * steps
         what = self.label or ("total" if self.start_epoch == 0 else "remaining")
@@ -334,35 +394,69 @@ class EpochRunner:
 
 
 class PhaseRunners:
-    """The :class:`EpochRunner` of each phase of a run (warm start, main), each built when its
-    phase's first epoch comes: a run resumed in its main phase never compiles the warm start's
-    step, and each phase's length estimate is timed on its own steps."""
+    """The :class:`EpochRunner` of each phase of a run (warm start, main) from ``start_epoch`` on.
+
+    :meth:`compile` compiles the step of every phase still to run, up front (a run resumed in its
+    main phase never compiles the warm start's), so that the time left on the bar is the whole
+    run's: the current phase at its measured speed plus the main phase at the speed
+    :meth:`after_epoch` measures once the warm start has trained for an epoch
+    (``ESTIMATE_STEPS`` steps of the main estimator from the current parameters, their results
+    dropped). Each phase's own length estimate is still timed on its own first steps.
+    """
 
     def __init__(self, job: Job, *, start_epoch: int, **runner_kwargs):
         self.job = job
         self.start_epoch = start_epoch
-        self.runner_kwargs = runner_kwargs
+        self.log = runner_kwargs.get("log", _log_to_stderr)
+        config = job.run_config or job.config
+        warm = config.warm_start_epochs
         self._runners: dict[str, EpochRunner] = {}
+        if start_epoch < warm:
+            self._runners["warm_start"] = EpochRunner(
+                job.for_phase("warm_start"),
+                start_epoch=start_epoch,
+                end_epoch=warm,
+                label="warm-start phase",
+                later_seconds=lambda: self._runners["main"].phase_seconds(),
+                **runner_kwargs,
+            )
+        self._runners["main"] = EpochRunner(
+            job.for_phase("main"),
+            start_epoch=max(start_epoch, warm),
+            end_epoch=config.epochs,
+            label="main phase" if warm else None,
+            **runner_kwargs,
+        )
 
     def for_epoch(self, epoch: int) -> EpochRunner:
         """The runner of 0-based ``epoch``'s phase."""
         config = self.job.run_config or self.job.config
-        phase = config.phase(epoch)
-        if phase not in self._runners:
-            warm = config.warm_start_epochs
-            if phase == "warm_start":
-                start, end, label = self.start_epoch, warm, "warm-start phase"
-            else:
-                start, end = max(self.start_epoch, warm), config.epochs
-                label = "main phase" if warm else None
-            self._runners[phase] = EpochRunner(
-                self.job.for_phase(phase),
-                start_epoch=start,
-                end_epoch=end,
-                label=label,
-                **self.runner_kwargs,
-            )
-        return self._runners[phase]
+        return self._runners[config.phase(epoch)]
+
+    def compile(self, state: TrainState) -> None:
+        """Compile every remaining phase's step now, each announced with its compile time."""
+        for runner in self._runners.values():
+            runner.compile(state, runner.start_epoch)
+
+    def after_epoch(self, state: TrainState, epoch: int) -> None:
+        """After 0-based ``epoch`` of the warm start, if more warm-start epochs follow and the main
+        phase is untimed: time ``ESTIMATE_STEPS`` main-phase steps from ``state`` (dropped) and log
+        the whole run's estimated length."""
+        warm = self._runners.get("warm_start")
+        main = self._runners["main"]
+        if warm is None or main.seconds_per_step is not None or epoch + 1 >= warm.end_epoch:
+            return
+        key = jax.random.fold_in(self.job.root, 3)
+        per_step = main.probe(state, main.start_epoch, key, ESTIMATE_STEPS)
+        steps = self.job.steps_per_epoch
+        warm_left = (warm.seconds_per_step or 0.0) * (warm.end_epoch - epoch - 1) * steps
+        self.log(
+            f"vaeml: estimated run left {format_duration(warm_left + main.phase_seconds())}: "
+            f"warm-start phase {format_duration(warm_left)}, main phase "
+            f"{format_duration(main.phase_seconds())} ({per_step:.2g} s/step, timed on "
+            f"{min(ESTIMATE_STEPS, steps)} {main.job.config.estimator} steps after epoch "
+            f"{epoch + 1})"
+        )
 
 
 def first_bad_step(host: dict) -> int | None:
@@ -465,12 +559,14 @@ def train(
             progress_interval=progress_interval,
             log=log,
         )
+        runners.compile(state)  # every phase's step, up front and announced
         health = HealthMonitor(log)
         record = None
         for epoch in range(start_epoch, config.epochs):
             runner = runners.for_epoch(epoch)  # the warm start's, then the main estimator's
             state, record = _train_epoch(runner, state, epoch, run_dir, ckpt, health)
             log(format_record(record, config.epochs))
+            runners.after_epoch(state, epoch)  # times the main phase early (warm start only)
     return _summary(run_dir, config.epochs, start_epoch, record, state)
 
 
