@@ -17,7 +17,8 @@ Two ground truths against which every gradient estimator can be judged by what i
    unable to match the posterior: the prior itself (q(z|x) = N(0, I_d)) or a fixed-variance
    amortised encoder q(z|x) = N(A x + c, \sigma_0^2 I_d) with \sigma_0 fixed. Bound-based training
    (ELBO, IWAE-S) then converges to a different fit; an unbiased estimator of
-   :math:`\nabla_\theta \log p_\theta(x)` has the ML fit as its stochastic-approximation fixed point.
+   :math:`\nabla_\theta \log p_\theta(x)` has the ML fit as its stochastic-approximation fixed
+   point.
 
 2. **A VAE with a 2-D (or 1-D) latent** and a Bernoulli MLP decoder, whose
 
@@ -81,7 +82,8 @@ class GroundTruth(NamedTuple):
 
     Attributes:
       model: the :class:`~vaeml_jax.LatentVariableModel` the estimators see.
-      log_likelihood: ``(params, x) -> (B,)``, the exact :math:`\log p_\theta(x_i)` of a batch x (B, D).
+      log_likelihood: ``(params, x) -> (B,)``, the exact :math:`\log p_\theta(x_i)` of a batch
+        x (B, D).
       name: a short label.
     """
 
@@ -91,17 +93,19 @@ class GroundTruth(NamedTuple):
 
 
 def exact_log_likelihood(ground_truth: GroundTruth, params: Params, x: Array) -> Array:
-    r"""Mean exact log-likelihood per datapoint, :math:`(1/B) \sum_i \log p_\theta(x_i)`, a scalar."""
+    r"""Mean exact log-likelihood per datapoint, :math:`(1/B) \sum_i \log p_\theta(x_i)`: a
+    scalar."""
     return jnp.mean(ground_truth.log_likelihood(params, x))
 
 
 def make_exact_grad(ground_truth: GroundTruth):
     r"""The exact gradient behind the estimators' interface: ``grads, info = fn(params, x, key)``.
 
-    :math:`\text{grads} = \nabla_\text{params} [-(1/B) \sum_i \log p_\theta(x_i)]` with the structure
-    of ``params`` (zeros on the proposal's parameters, which :math:`\log p_\theta(x)` does not read);
-    ``key`` is ignored. ``info`` holds ``bound`` (B,), the exact :math:`\log p_\theta(x_i)`, and, for a uniform interface,
-    ``meeting_time``/``num_iters``/``capped`` (B, 1) zeros and ``num_log_joint_evals`` 0.
+    :math:`\text{grads} = \nabla_\text{params} [-(1/B) \sum_i \log p_\theta(x_i)]` with the
+    structure of ``params`` (zeros on the proposal's parameters, which :math:`\log p_\theta(x)`
+    does not read); ``key`` is ignored. ``info`` holds ``bound`` (B,), the exact
+    :math:`\log p_\theta(x_i)`, and, for a uniform interface, ``meeting_time``/``num_iters``/
+    ``capped`` (B, 1) zeros and ``num_log_joint_evals`` 0.
     """
 
     def exact_grad(params, x, key=None):
@@ -345,7 +349,8 @@ def grid_vae(grid: QuadratureGrid, proposal_std: float | None = None) -> GroundT
 
     :math:`p(z) = N(0, I_d)`; :math:`p_\theta(x | z) = \prod_j \text{Bernoulli}(x_j;
     \sigma(f_\theta(z)_j))` with f an MLP (tanh hidden layers); :math:`q_\phi(z | x) =
-    N(\mu_\phi(x), \text{diag}\, \sigma_\phi(x)^2)`, an MLP emitting :math:`(\mu, \log\sigma)`. params = ``{"decoder": [layers], "encoder": [layers]}``, each layer
+    N(\mu_\phi(x), \text{diag}\, \sigma_\phi(x)^2)`, an MLP emitting :math:`(\mu, \log\sigma)`.
+    params = ``{"decoder": [layers], "encoder": [layers]}``, each layer
     ``{"w", "b"}`` (see :func:`grid_vae_init`).
 
     ``proposal_std`` = sigma0 fixes \sigma_\phi(x) = sigma0 (the encoder's log-sigma output is
@@ -436,8 +441,8 @@ def grid_vae_log_likelihood(params: Params, x: Array, grid: QuadratureGrid) -> A
 def grid_resolution_gap(
     params: Params, x: Array, coarse: QuadratureGrid, fine: QuadratureGrid
 ) -> float:
-    """The largest difference over i of log p(x_i) on ``fine`` and on ``coarse``, in nats: the quadrature error
-    estimate of the coarse grid (the fine grid's own error being much smaller)."""
+    """The largest difference over i of log p(x_i) on ``fine`` and on ``coarse``, in nats: the
+    quadrature error estimate of the coarse grid (the fine grid's own error being much smaller)."""
     a = grid_vae_log_likelihood(params, x, coarse)
     b = grid_vae_log_likelihood(params, x, fine)
     return float(jnp.max(jnp.abs(a - b)))
