@@ -22,7 +22,7 @@ reads collectively; the directory must be one that every process sees: a shared 
 the same machine). Orbax's primary process (0) renames a finished checkpoint into place and
 cleans up; ``_trash/`` is emptied by process 0 only. A checkpoint holds whole arrays, not
 per-process pieces, so it restores on any number of processes and devices (one included): the
-target shardings come from the template, see :func:`_abstract`.
+target shardings come from the template (``_abstract``).
 """
 
 from __future__ import annotations
@@ -216,6 +216,7 @@ class Checkpointer:
         self._clear_trash()
 
     def close(self) -> None:
+        """Finish any background save, then release the checkpoint manager."""
         self._manager.wait_until_finished()
         self._manager.close()
         self._clear_trash()

@@ -1,5 +1,7 @@
 """Datasets for VAE experiments: MNIST, Fashion-MNIST, Omniglot and statically binarized MNIST.
 
+::
+
     from vaeml_jax.data import load_dataset, epoch_batches, binarized_test_set
     ds = load_dataset("mnist")                       # (60000, 784) / (10000, 784) float32 in [0, 1]
     train = jnp.asarray(ds.train)                    # once, on device
@@ -45,7 +47,7 @@ Omniglot sources are not interchangeable: ``chardata.mat`` is the IWAE paper's s
 8,070 test) behind published Omniglot numbers; ``omniglot28.npz`` (24,345 / 8,115, area-resampled
 from Lake's 105x105 images) and tensorflow-datasets' ``omniglot`` (Lake's background/evaluation
 split, 19,280 / 13,180, resized here by the same exact area resampling) are different preparations
-whose numbers are not comparable to published ones; :attr:`Dataset.note` says so.
+whose numbers are not comparable to published ones; a :class:`Dataset`'s ``note`` says so.
 """
 
 from __future__ import annotations
@@ -80,6 +82,7 @@ __all__ = [
     "epoch_batches",
 ]
 
+#: The dataset names :func:`load_dataset` accepts.
 DATASETS = ("mnist", "fashion_mnist", "omniglot", "binarized_mnist")
 BINARIZATIONS = ("dynamic", "static")
 

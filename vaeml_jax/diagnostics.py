@@ -66,10 +66,11 @@ __all__ = [
     "suggest_k_m",
 ]
 
-# alpha <= 2: tau has no finite variance. The warning threshold is that, not a tuned number.
+#: The tail index at or below which meeting times (and the gradient) have no finite variance:
+#: the warning threshold is that, not a tuned number.
 TAIL_INDEX_WARNING = 2.0
-# The Hill estimate uses the top 5% of lanes; with fewer than this many lanes in the tail it is
-# too noisy to act on (reported as NaN, never warned about).
+#: The Hill estimate uses the top 5% of lanes; with fewer than this many lanes in the tail it is
+#: too noisy to act on (reported as NaN, never warned about).
 MIN_TAIL_LANES = 10
 
 

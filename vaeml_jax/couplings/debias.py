@@ -129,7 +129,7 @@ def coefficients(t, met, k: int, m: int, lag: int):
     telescoping sum contains the difference at time t; their average is H_{k:m}. For L = 1,
     c_t / (m-k+1) = min(1, (t-k)/(m-k+1)) for t >= k+1. For L >= 2 the often-quoted weight
     min(1, ceil((t-k)/L)/(m-k+1)) is NOT this (e.g. k = m = 0, L = 2: odd t must get weight 0);
-    it was measured biased: max |z| 7, 21 and 18 for RWM, MALA and HMC (20k pairs, k=2, m=6, L=2,
+    it was measured biased: max abs(z) 7, 21 and 18 for RWM, MALA and HMC (20k pairs, k=2, m=6, L=2,
     the 2-D Gaussian of tests/test_couplings_debias.py), against 0.4-1 with these weights.
     """
     n = m - k + 1

@@ -212,7 +212,7 @@ class VAEConfig:
 
     @property
     def flat_latent_dim(self) -> int:
-        """Size of the flat latent the interface passes: latent_dim, or latent1_dim + latent_dim."""
+        """The flat latent size the interface passes (latent1_dim + latent_dim with two layers)."""
         return self.latent1_dim + self.latent_dim if self.two_layer else self.latent_dim
 
 
