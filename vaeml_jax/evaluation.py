@@ -197,7 +197,7 @@ def importance_log_likelihood(
 
     Args:
       model, params: the model and its parameters.
-      x: (N, *example_shape) examples, N arbitrary (the last batch is padded, nothing dropped).
+      x: ``(N, *example_shape)`` examples, N arbitrary (the last batch is padded, nothing dropped).
       key: a PRNG key; example n uses ``split(key, N)[n]``, its sample k ``fold_in(that, k)``.
       num_samples: K.
       chunk_size: samples evaluated at once per example; memory ~ batch_size * chunk_size
@@ -522,7 +522,7 @@ def ais_log_likelihood(
 
     Algorithm (Neal 2001; Wu et al. 2017, Sec. 3), per example and for each of C = ``num_chains``
     independent chains, with temperatures 0 = b_0 < ... < b_T = 1 (:func:`annealing_schedule`,
-    T = ``num_steps``) and log f_b(z) = (1 - b) log q(z|x) + b log p(x, z):
+    T = ``num_steps``) and log f_b(z) = (1 - b) log q(z|x) + b log p(x, z)::
 
         z_0 ~ q(z|x),  log w = 0
         for t = 1..T:  log w += (b_t - b_{t-1}) [log p(x, z_{t-1}) - log q(z_{t-1}|x)]
@@ -598,7 +598,7 @@ def evaluate(
     ``key`` is split in two: the log-likelihood estimator gets the first half, the ELBO (with
     ``elbo_samples`` draws per example) the second. ``num_samples`` and ``chunk_size`` are the IS
     settings; with ``method="ais"`` they are not used and ``ais_kwargs`` (any of
-    :data:`AIS_OPTIONS`) go to :func:`ais_log_likelihood`.
+    ``AIS_OPTIONS``) go to :func:`ais_log_likelihood`.
 
     Returns:
       ``{"method", "test_log_likelihood", "test_log_likelihood_stderr", "test_elbo",
