@@ -71,7 +71,7 @@ class CISState(NamedTuple):
     """State of one CIS chain for one example.
 
     Attributes:
-      particles: (S, *latent_shape) the augmented tuple z_{1:S}.
+      particles: ``(S, *latent_shape)`` the augmented tuple z_{1:S}.
       log_joint: (S,) log p(x, z_s).
       log_proposal: (S,) log q(z_s | x).
     """
@@ -141,7 +141,7 @@ class AtomPair(NamedTuple):
     """A coupled pair (X_t, Y_{t-1}) for one example, in atom form.
 
     Attributes:
-      atoms: (S+1, *latent_shape) [kept_x, kept_y, shared fresh ...].
+      atoms: ``(S+1, *latent_shape)`` [kept_x, kept_y, shared fresh ...].
       log_joint: (S+1,) log p(x, atom).
       log_proposal: (S+1,) log q(atom | x).
       met: () bool, X_t == Y_{t-1} (then atoms 0 and 1 are the same particle).
