@@ -519,9 +519,13 @@ def train(
       (the last epoch's record, or None if nothing was run), ``params`` (final, on host).
 
     Raises:
-      ConfigError, RunDirError, vaeml_jax.data.DataError, ValueError (data the model cannot take),
-      TrainingDiverged (non-finite loss or gradients: that epoch is not saved, the last good
-      checkpoint stays), CheckpointError.
+      ConfigError: an option value that is not valid.
+      RunDirError: ``out_dir`` holds another run, or has nothing to resume.
+      vaeml_jax.data.DataError: a missing or corrupt data file.
+      ValueError: data the model cannot take.
+      TrainingDiverged: a non-finite loss or gradient (that epoch is not saved; the last good
+        checkpoint stays).
+      vaeml_jax.checkpoint.CheckpointError: a checkpoint that cannot be read.
     """
     from vaeml_jax import distributed
 
