@@ -39,6 +39,8 @@ extensions = [
 source_suffix = {".md": "markdown", ".rst": "restructuredtext"}
 exclude_patterns = ["_build", "README.md"]
 root_doc = "index"
+# Quotes and ellipses only: "--flag" must not become an en dash in the command-line tables.
+smartquotes_action = "qe"
 
 # MyST: $...$ math, ::: fences, heading anchors for [text](page.md#heading) links.
 myst_enable_extensions = ["dollarmath", "colon_fence", "deflist"]
