@@ -27,7 +27,7 @@ release = __version__
 version = ".".join(__version__.split(".")[:2])
 
 extensions = [
-    "myst_parser",
+    "myst_nb",  # MyST Markdown pages and the notebooks (includes myst_parser)
     "sphinx.ext.autodoc",
     "sphinx.ext.napoleon",
     "sphinx.ext.mathjax",
@@ -36,8 +36,11 @@ extensions = [
     "vaeml_refs",
 ]
 
-source_suffix = {".md": "markdown", ".rst": "restructuredtext"}
-exclude_patterns = ["_build", "README.md"]
+source_suffix = {".md": "myst-nb", ".ipynb": "myst-nb", ".rst": "restructuredtext"}
+# The notebooks (docs/notebooks links to the repository's notebooks/) are shown with the outputs
+# stored in them; the test suite executes them, the docs build does not.
+nb_execution_mode = "off"
+exclude_patterns = ["_build", "README.md", "**/.ipynb_checkpoints"]
 root_doc = "index"
 # Quotes and ellipses only: "--flag" must not become an en dash in the command-line tables.
 smartquotes_action = "qe"
