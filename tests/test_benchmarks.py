@@ -15,12 +15,12 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _run_quick(script: str, args: list[str], data_dir) -> subprocess.CompletedProcess:
+def _run_quick(script: str, args: list[str], mnist_dir) -> subprocess.CompletedProcess:
     """``benchmarks/<script> *args`` in a subprocess on the CPU with fast compilation (these smoke
     runs are compile-bound)."""
     env = dict(
         os.environ,
-        VAEML_DATA_DIR=str(data_dir),
+        VAEML_DATA_DIR=str(mnist_dir),
         JAX_PLATFORMS="cpu",
         XLA_FLAGS=_fast_compile.XLA_FLAGS,
     )
@@ -35,10 +35,10 @@ def _run_quick(script: str, args: list[str], data_dir) -> subprocess.CompletedPr
 
 
 @pytest.mark.slow
-def test_estimator_cost_quick_runs(data_dir, tmp_path):
+def test_estimator_cost_quick_runs(mnist_dir, tmp_path):
     out = tmp_path / "cost.json"
     proc = _run_quick(
-        "estimator_cost.py", ["--quick", "--width-scan", "2", "--json", str(out)], data_dir
+        "estimator_cost.py", ["--quick", "--width-scan", "2", "--json", str(out)], mnist_dir
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "#### Targets" in proc.stdout
@@ -78,12 +78,12 @@ def test_estimator_cost_rejects_bad_arguments():
 
 
 @pytest.mark.slow
-def test_optimizer_study_quick_runs(data_dir, tmp_path):
+def test_optimizer_study_quick_runs(mnist_dir, tmp_path):
     """``benchmarks/optimizer_study.py --quick`` runs end to end: its own tiny warm start, the SGD
     pilot, every optimizer family for both estimators, and the paired table."""
     work = tmp_path / "opt"
     args = ["--quick", "--work", str(work), "--optimizers", "adam", "sgd_rm", "adam_clip@5"]
-    proc = _run_quick("optimizer_study.py", args, data_dir)
+    proc = _run_quick("optimizer_study.py", args, mnist_dir)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = [json.loads(line) for line in (work.with_name("opt_quick") / "rows.jsonl").open()]
     trained = {(r["estimator"], r["optimizer"]) for r in rows if "test_ll" in r}
@@ -110,15 +110,15 @@ def test_optimizer_study_rejects_bad_arguments():
 
 
 @pytest.mark.slow
-def test_queue_variants_runs(data_dir):
+def test_queue_variants_runs(mnist_dir):
     args = ["--train-steps", "2", "--calls", "2", "--max-iters", "50", "--iwae-hook"]
     args += ["--variants", "slots=4,defer=0,hook=0,features=0", "slots=4", "slots=0,unroll=2"]
-    proc = _run_quick("queue_variants.py", args, data_dir)
+    proc = _run_quick("queue_variants.py", args, mnist_dir)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "| slots=4 | " in proc.stdout and "| slots=0,unroll=2 | " in proc.stdout
     assert "with / without the hook" in proc.stdout
 
 
-def test_queue_variants_rejects_bad_variants(data_dir):
-    proc = _run_quick("queue_variants.py", ["--variants", "slots=4,deffer=2"], data_dir)
+def test_queue_variants_rejects_bad_variants(mnist_dir):
+    proc = _run_quick("queue_variants.py", ["--variants", "slots=4,deffer=2"], mnist_dir)
     assert proc.returncode != 0 and "bad variant field 'deffer=2'" in proc.stderr

@@ -1,7 +1,9 @@
 """vaeml_jax.data: loaders for every format, verification, binarization statistics, epoch batches.
 
-Real files come from the shared data folder (``data_dir`` fixture); small fixtures in other formats
-(IDX, chardata.mat, omniglot28.npz, .amat, tensorflow-datasets arrays) are generated in tmp_path.
+Real MNIST comes from ``mnist_dir`` (the data folder's or the packaged copy: these tests run
+anywhere); the other real datasets from ``data_dir`` (``$VAEML_DATA_DIR``; skipped without it).
+Small fixtures in other formats (IDX, chardata.mat, omniglot28.npz, .amat, tensorflow-datasets
+arrays) are generated in tmp_path.
 """
 
 import gzip
@@ -58,31 +60,31 @@ def raw_idx(path) -> np.ndarray:
 # ---- names and arguments ---------------------------------------------------------------------
 
 
-def test_unknown_dataset_lists_the_valid_names(data_dir):
+def test_unknown_dataset_lists_the_valid_names(mnist_dir):
     with pytest.raises(DataError) as e:
-        load_dataset("cifar10", data_dir)
+        load_dataset("cifar10", mnist_dir)
     for name in DATASETS:
         assert name in str(e.value)
     assert isinstance(e.value, ValueError)
 
 
-def test_unknown_binarization_is_refused(data_dir):
+def test_unknown_binarization_is_refused(mnist_dir):
     with pytest.raises(ValueError, match="dynamic, static"):
-        load_dataset("mnist", data_dir, binarization="threshold")
+        load_dataset("mnist", mnist_dir, binarization="threshold")
 
 
 # ---- real files ------------------------------------------------------------------------------
 
 
-def test_mnist_idx_from_data_dir(data_dir, no_env):
-    ds = load_dataset("mnist", data_dir)
+def test_mnist_idx_from_a_data_folder(mnist_dir, no_env):
+    ds = load_dataset("mnist", mnist_dir)
     assert ds.name == "mnist" and not ds.binarized and ds.valid is None
     assert ds.train.shape == (60000, 784) and ds.test.shape == (10000, 784)
-    assert ds.train.dtype == np.float32 and ds.source == str(data_dir / "mnist")
-    ref = raw_idx(data_dir / "mnist" / IDX_TRAIN)
+    assert ds.train.dtype == np.float32 and ds.source == str(mnist_dir / "mnist")
+    ref = raw_idx(mnist_dir / "mnist" / IDX_TRAIN)
     np.testing.assert_array_equal(ds.train[:500], ref[:500] / np.float32(255))
     np.testing.assert_array_equal(
-        ds.test[-50:], raw_idx(data_dir / "mnist" / IDX_TEST)[-50:] / np.float32(255)
+        ds.test[-50:], raw_idx(mnist_dir / "mnist" / IDX_TEST)[-50:] / np.float32(255)
     )
     assert abs(ds.train.mean() - 0.1307) < 1e-3  # the well-known MNIST pixel mean
 
@@ -145,10 +147,10 @@ def test_omniglot28_npz_real(data_dir):
         )
 
 
-def test_datasets_are_fresh_writable_copies(data_dir):
-    a = load_dataset("mnist", data_dir)
+def test_datasets_are_fresh_writable_copies(mnist_dir):
+    a = load_dataset("mnist", mnist_dir)
     a.train[0] = 7.0
-    b = load_dataset("mnist", data_dir)
+    b = load_dataset("mnist", mnist_dir)
     assert b.train[0].max() <= 1.0
 
 
@@ -240,12 +242,12 @@ def test_idx_structure_errors(tmp_path):
         load_dataset("mnist", tmp_path, verify=False)
 
 
-def test_corrupt_and_truncated_gz_name_the_file(data_dir, tmp_path):
+def test_corrupt_and_truncated_gz_name_the_file(mnist_dir, tmp_path):
     """The damaged file is the (small) test file; train is a symlink to the shared copy."""
     folder = tmp_path / "mnist"
     folder.mkdir()
-    (folder / IDX_TRAIN).symlink_to(data_dir / "mnist" / IDX_TRAIN)
-    raw = (data_dir / "mnist" / IDX_TEST).read_bytes()
+    (folder / IDX_TRAIN).symlink_to(mnist_dir / "mnist" / IDX_TRAIN)
+    raw = (mnist_dir / "mnist" / IDX_TEST).read_bytes()
     (folder / IDX_TEST).write_bytes(raw[: len(raw) // 3])
     with pytest.raises(DataError, match=r"t10k-images-idx3-ubyte\.gz is not a complete gzip") as e:
         load_dataset("mnist", tmp_path)
@@ -467,12 +469,12 @@ def test_binarize_static_is_deterministic_and_unbiased():
         binarize_static(x * 255)
 
 
-def test_static_dataset_and_binarized_test_set(data_dir):
-    dyn = load_dataset("mnist", data_dir)
+def test_static_dataset_and_binarized_test_set(mnist_dir):
+    dyn = load_dataset("mnist", mnist_dir)
     test0 = binarized_test_set(dyn, seed=0)
     np.testing.assert_array_equal(test0, binarize_static(dyn.test, 0))
     assert not np.array_equal(test0, binarized_test_set(dyn, seed=1))
-    st = load_dataset("mnist", data_dir, binarization="static", seed=0)
+    st = load_dataset("mnist", mnist_dir, binarization="static", seed=0)
     assert st.binarized and "seed 0" in st.note
     np.testing.assert_array_equal(st.test, test0)  # the same test images as evaluation uses
     np.testing.assert_array_equal(binarized_test_set(st, seed=99), test0)

@@ -5,7 +5,8 @@
 * ``curves.png``: the training objective (mean ``info["bound"]``: the IWAE-S bound of the first
   chain state for the CIS-based estimators, the ELBO / IWAE bound otherwise) per epoch, the test
   log-likelihood where it was evaluated during training (and ``eval.json``'s final value), the
-  mean and max meeting time per epoch, and the throughput (examples/s);
+  mean and max meeting time, the ESS, the meeting-time tail index, the capped fraction and the
+  throughput (examples/s) per epoch, with the end of a warm start marked;
 * ``samples.png``: decoder means of x ~ p(x | z), z ~ N(0, I) from the latest checkpoint;
 * ``reconstructions.png``: test images (top rows) above their reconstructions (bottom rows);
 * ``meeting_times.png``: the histogram of the last epoch's per-example meeting times tau
@@ -41,22 +42,51 @@ def _save(fig, path: Path) -> Path:
 
 
 def plot_training_curves(metrics: list[dict], path: str | Path, final_eval: dict | None = None):
-    """Four panels of the per-epoch ``metrics.jsonl`` records; returns the PNG's path."""
+    """Six panels of the per-epoch ``metrics.jsonl`` records; returns the PNG's path.
+
+    Objective (and test log-likelihood), meeting times, capped lanes, ESS, the meeting-time tail
+    index and throughput, against whole epochs. A dotted line marks where a warm start ends;
+    statistics a phase does not have (meeting times of a warm-start IWAE epoch, ``null`` in the
+    records) are left out, not drawn as zeros.
+    """
+    from matplotlib.ticker import MaxNLocator
+
     path = Path(path)
-    fig, axes = plt.subplots(2, 2, figsize=(10, 7))
+    fig, axes = plt.subplots(3, 2, figsize=(10, 10))
     ep = np.array([r["epoch"] for r in metrics])
+    warm = [r["epoch"] for r in metrics if r.get("phase") == "warm_start"]
+    boundary = max(warm) + 0.5 if warm and max(warm) < ep.max() else None
 
     def col(name):
-        return np.array([r.get(name, np.nan) for r in metrics], dtype=float)
+        return np.array([np.nan if r.get(name) is None else r[name] for r in metrics], float)
+
+    def finish(ax, ylabel, title, legend=False):
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if len(ep):  # every panel spans the whole run, whatever epochs it has data for
+            ax.set_xlim(ep.min() - 0.5, ep.max() + 0.5)
+        if boundary is not None:
+            ax.axvline(boundary, color="grey", ls=":", lw=1, label="warm start ends")
+        if legend or boundary is not None:
+            handles, _ = ax.get_legend_handles_labels()
+            if handles:
+                ax.legend(fontsize=8)
+
+    def curve(ax, name, label=None):
+        y = col(name)
+        if len(ep) and np.isfinite(y).any():
+            ax.plot(ep, y, ".-", label=label)
+        return y
 
     ax = axes[0, 0]
-    if len(ep):
-        ax.plot(ep, col("objective"), ".-", label="train objective (mean bound)")
-        ll = col("test_log_likelihood")
-        ok = np.isfinite(ll)
-        if ok.any():
-            se = col("test_log_likelihood_stderr")[ok]
-            ax.errorbar(ep[ok], ll[ok], yerr=se, fmt="o-", label="test log-likelihood (IS)")
+    curve(ax, "objective", "train objective (mean bound)")
+    ll = col("test_log_likelihood")
+    ok = np.isfinite(ll)
+    if ok.any():
+        se = col("test_log_likelihood_stderr")[ok]
+        ax.errorbar(ep[ok], ll[ok], yerr=se, fmt="o-", label="test log-likelihood (IS)")
     if final_eval:
         ax.axhline(
             final_eval["test_log_likelihood"],
@@ -64,33 +94,30 @@ def plot_training_curves(metrics: list[dict], path: str | Path, final_eval: dict
             ls="--",
             label=f"final test LL, K={final_eval.get('num_samples')}",
         )
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("nats per example")
-    ax.set_title("objective")
-    ax.legend(fontsize=8)
+    finish(ax, "nats per example", "objective", legend=True)
 
     ax = axes[0, 1]
-    if len(ep):
-        ax.plot(ep, col("meeting_time_mean"), ".-", label="mean")
-        ax.plot(ep, col("meeting_time_max"), ".-", label="max")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("meeting time tau")
-    ax.set_title("coupled chains: meeting time")
-    ax.legend(fontsize=8)
+    curve(ax, "meeting_time_mean", "mean")
+    curve(ax, "meeting_time_max", "max")
+    finish(ax, "meeting time tau", "coupled chains: meeting time", legend=True)
 
     ax = axes[1, 0]
-    if len(ep):
-        ax.plot(ep, col("capped_fraction"), ".-")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("fraction")
-    ax.set_title("chains stopped at --max-iters (capped)")
+    curve(ax, "ess_mean")
+    finish(ax, "ESS of the S importance weights", "effective sample size (mean)")
 
     ax = axes[1, 1]
-    if len(ep):
-        ax.plot(ep, col("examples_per_second"), ".-")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("examples / s")
-    ax.set_title("throughput")
+    alpha = curve(ax, "tail_index", "alpha")
+    if np.isfinite(alpha).any():
+        ax.axhline(2.0, color="r", ls="--", lw=1, label="2: finite variance needs alpha > 2")
+    finish(ax, "tail index alpha", "meeting-time tail: P(tau > t) ~ t^-alpha", legend=True)
+
+    ax = axes[2, 0]
+    curve(ax, "capped_fraction")
+    finish(ax, "fraction", "chains stopped at --max-iters (capped)")
+
+    ax = axes[2, 1]
+    curve(ax, "examples_per_second")
+    finish(ax, "examples / s", "throughput")
     fig.tight_layout()
     return _save(fig, path)
 
