@@ -63,9 +63,9 @@ SCRIPT = textwrap.dedent(
 
 
 @pytest.fixture(scope="module")
-def result(tmp_path_factory, data_dir):
+def result(tmp_path_factory, mnist_dir):
     out = tmp_path_factory.mktemp("dp_train")
-    env = dict(os.environ, VAEML_DATA_DIR=str(data_dir))
+    env = dict(os.environ, VAEML_DATA_DIR=str(mnist_dir))
     env["XLA_FLAGS"] = _fast_compile.XLA_FLAGS  # compile-bound; not the caller's flags
     proc = subprocess.run(
         [sys.executable, "-c", SCRIPT, str(out)],
@@ -152,8 +152,8 @@ MOVE_SCRIPT = textwrap.dedent(
 )
 
 
-def _run_move_script(out, devices, data_dir):
-    env = dict(os.environ, VAEML_DATA_DIR=str(data_dir), MPLBACKEND="Agg")
+def _run_move_script(out, devices, mnist_dir):
+    env = dict(os.environ, VAEML_DATA_DIR=str(mnist_dir), MPLBACKEND="Agg")
     env["XLA_FLAGS"] = _fast_compile.XLA_FLAGS
     proc = subprocess.run(
         [sys.executable, "-c", MOVE_SCRIPT, str(out), str(devices)],
@@ -168,12 +168,12 @@ def _run_move_script(out, devices, data_dir):
 
 
 @pytest.fixture(scope="module")
-def moved(tmp_path_factory, data_dir):
+def moved(tmp_path_factory, mnist_dir):
     """Train on 4 forced CPU devices and on 1 (a 4-device process), then read both runs in a
     1-device process, and the 1-device run in the 4-device one."""
     out = tmp_path_factory.mktemp("moved")
-    four, _ = _run_move_script(out, 4, data_dir)
-    one, stderr = _run_move_script(out, 1, data_dir)
+    four, _ = _run_move_script(out, 4, mnist_dir)
+    one, stderr = _run_move_script(out, 1, mnist_dir)
     return out, four, one, stderr
 
 

@@ -18,10 +18,10 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _run(args, data_dir, timeout=600):
+def _run(args, mnist_dir, timeout=600):
     env = dict(
         os.environ,
-        VAEML_DATA_DIR=str(data_dir),
+        VAEML_DATA_DIR=str(mnist_dir),
         JAX_PLATFORMS="cpu",
         XLA_FLAGS=_fast_compile.XLA_FLAGS,  # compile-bound
     )
@@ -38,7 +38,7 @@ def _run(args, data_dir, timeout=600):
 
 
 @pytest.mark.slow
-def test_reproduce_quick_writes_results(data_dir, tmp_path):
+def test_reproduce_quick_writes_results(mnist_dir, tmp_path):
     out = tmp_path / "rep"
     proc = _run(
         [
@@ -50,7 +50,7 @@ def test_reproduce_quick_writes_results(data_dir, tmp_path):
             "--out",
             str(out),
         ],
-        data_dir,
+        mnist_dir,
     )
     assert "### mnist" in proc.stdout
     res = json.loads((out / "results.json").read_text())
@@ -64,7 +64,7 @@ def test_reproduce_quick_writes_results(data_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_variance_quick_writes_plots(data_dir, tmp_path):
+def test_variance_quick_writes_plots(mnist_dir, tmp_path):
     plots, js = tmp_path / "plots", tmp_path / "v.json"
     proc = _run(
         [
@@ -77,7 +77,7 @@ def test_variance_quick_writes_plots(data_dir, tmp_path):
             "--json",
             str(js),
         ],
-        data_dir,
+        mnist_dir,
     )
     assert "#### Gradient variance against cost" in proc.stdout
     res = json.loads(js.read_text())
@@ -90,7 +90,7 @@ def test_variance_quick_writes_plots(data_dir, tmp_path):
     again = tmp_path / "again"
     proc = _run(
         [str(REPO / "benchmarks" / "variance.py"), "--from-json", str(js), "--plots", str(again)],
-        data_dir,
+        mnist_dir,
     )
     assert "#### Meeting times over training" in proc.stdout and "tail alpha" in proc.stdout
     assert (again / "meeting_times_training.png").stat().st_size > 1000
@@ -101,14 +101,14 @@ def test_variance_quick_writes_plots(data_dir, tmp_path):
             str(REPO / "benchmarks" / "variance.py"),
             *("--quick", "--encoder-only", "--seed", "1", "--work", str(work1)),
         ],
-        data_dir,
+        mnist_dir,
     )
     assert "#### Gradient variance" not in proc.stdout
     one = json.loads((work1 / "variance.json").read_text())
     assert one["variance"] == [] and set(one["training"]) == {"iwae", "inclusive_kl"}
     assert (work1 / "plots" / "meeting_times_training.png").stat().st_size > 1000
     script = [str(REPO / "benchmarks" / "variance.py"), "--encoder-summary"]
-    proc = _run([*script, str(js), str(work1 / "variance.json")], data_dir)
+    proc = _run([*script, str(js), str(work1 / "variance.json")], mnist_dir)
     assert "seeds [0, 1]" in proc.stdout and "| inclusive_kl |" in proc.stdout
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     bad = subprocess.run(
@@ -153,12 +153,12 @@ def _reproduce_module():
 
 
 @pytest.mark.slow
-def test_warm_start_quick_forks_every_continuation_from_one_state(data_dir, tmp_path):
+def test_warm_start_quick_forks_every_continuation_from_one_state(mnist_dir, tmp_path):
     """``--preset warm_start --quick``: one shared IWAE-5 warm start, each continuation resumed
     from a copy of its checkpoint (the same bits), compute-matched IWAE, plots and tables."""
     out = tmp_path / "ws"
     args = [str(REPO / "benchmarks" / "reproduce.py"), "--preset", "warm_start", "--quick"]
-    proc = _run([*args, "--out", str(out)], data_dir)
+    proc = _run([*args, "--out", str(out)], mnist_dir)
     assert "### mnist: warm start" in proc.stdout
     block = json.loads((out / "results.json").read_text())["datasets"]["mnist"]
     labels = [r["label"] for r in block["summary"]]
@@ -192,7 +192,7 @@ p = train(cfg, {str(tmp_path / "scratch")!r}, progress=False, log=lambda m: None
 _, _, q, _ = load_run({str(out / "mnist" / "iwae5" / "seed0")!r})
 print("SAME", all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(p), jax.tree.leaves(q))))
 """
-    assert "SAME True" in _run(["-c", check], data_dir).stdout
+    assert "SAME True" in _run(["-c", check], mnist_dir).stdout
 
 
 def test_warm_start_and_long_presets_plan(capsys):
