@@ -65,27 +65,29 @@ def _literals(items: list[str], sep: str = ", ") -> list[nodes.Node]:
     return out
 
 
-def _row(action: argparse.Action) -> nodes.row:
+def _row(action: argparse.Action, with_default: bool) -> nodes.row:
     meaning: list[nodes.Node] = [nodes.Text(_help(action))]
     if action.choices is not None:
         meaning += [nodes.Text(" (one of "), *_literals(list(map(str, action.choices)))]
         meaning.append(nodes.Text(")"))
-    default = _default(action)
-    return nodes.row(
-        "",
-        _cell(*_literals(_flags(action))),
-        _cell(*([nodes.literal(default, default)] if default else [])),
-        _cell(*meaning),
-    )
+    cells = [_cell(*_literals(_flags(action)))]
+    if with_default:
+        default = _default(action)
+        cells.append(_cell(*([nodes.literal(default, default)] if default else [])))
+    return nodes.row("", *cells, _cell(*meaning))
 
 
 def _table(actions: list[argparse.Action]) -> nodes.table:
-    tgroup = nodes.tgroup(cols=3)
-    for width in (30, 12, 58):
+    """Option, default and meaning; the default column only where some option has a default
+    (``vaeml train`` states its defaults in the help text, as its options fall back to a config)."""
+    with_default = any(_default(a) for a in actions)
+    headers = ("option", "default", "meaning") if with_default else ("option", "meaning")
+    widths = (30, 12, 58) if with_default else (30, 70)
+    tgroup = nodes.tgroup(cols=len(headers))
+    for width in widths:
         tgroup += nodes.colspec(colwidth=width)
-    head = nodes.row("", *(_cell(nodes.Text(h)) for h in ("option", "default", "meaning")))
-    tgroup += nodes.thead("", head)
-    tgroup += nodes.tbody("", *(_row(a) for a in actions))
+    tgroup += nodes.thead("", nodes.row("", *(_cell(nodes.Text(h)) for h in headers)))
+    tgroup += nodes.tbody("", *(_row(a, with_default) for a in actions))
     return nodes.table("", tgroup)
 
 
