@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from vaeml_jax import distributed
 from vaeml_jax.checkpoint import Checkpointer
 from vaeml_jax.training.build import build_vae, load_data, make_estimator
 from vaeml_jax.training.config import ConfigError, TrainConfig
@@ -46,6 +47,7 @@ from vaeml_jax.training.rundir import (
     CHECKPOINT_DIR,
     append_metrics,
     prepare_run_dir,
+    read_metrics,
     save_meeting_times,
     truncate_metrics,
     write_config,
@@ -108,8 +110,17 @@ class Job:
         )
 
     def epoch_data(self, epoch: int) -> tuple[jax.Array, jax.Array]:
-        """``(batches, steps_key)`` of 0-based ``epoch``: (steps, B, D) sharded over the mesh."""
-        from vaeml_jax import distributed
+        """``(batches, steps_key)`` of 0-based ``epoch``: (steps, B, D) sharded over the mesh.
+
+        Every process derives the same epoch from ``(seed, epoch)`` (:meth:`whole_epoch`) and
+        supplies the rows of its own devices: no data moves between processes.
+        """
+        batches, steps_key = self.whole_epoch(epoch)
+        return distributed.shard_batches(batches, self.mesh), steps_key
+
+    def whole_epoch(self, epoch: int) -> tuple[jax.Array, jax.Array]:
+        """``(batches, steps_key)`` of 0-based ``epoch`` on this process's first device: every
+        batch whole, (steps, B, D), the same in every process."""
         from vaeml_jax.data import epoch_batches
 
         train_root = jax.random.fold_in(self.root, 1)
@@ -117,7 +128,7 @@ class Job:
         batches = epoch_batches(
             data_key, self.train_dev, self.config.batch_size, binarize=self.binarize
         )
-        return distributed.shard_batches(batches, self.mesh), steps_key
+        return batches, steps_key
 
     def eval_key(self, epoch: int) -> jax.Array:
         return jax.random.fold_in(jax.random.fold_in(self.root, 2), epoch)
@@ -133,10 +144,28 @@ def build_job(config: TrainConfig) -> Job:
     """Data, mesh, model, estimator and train step of a resolved ``config``.
 
     Bad input (data the model cannot take, a batch size that does not divide over the devices)
-    raises here, before anything is written.
+    raises here, before anything is written. With several processes, an error in one stops all
+    of them, and processes that were given different configs or data are refused
+    (:class:`vaeml_jax.distributed.DistributedError`).
     """
-    from vaeml_jax import distributed
+    job = distributed.agree(lambda: _build_job(config), "to set up the run")
+    same = {"the training config": _fingerprint(config), "the training data": job.train_x}
+    if job.eval_x is not None:
+        same["the evaluation data"] = np.ascontiguousarray(job.eval_x)
+    distributed.check_same(same)
+    return job
 
+
+def _fingerprint(config: TrainConfig) -> str:
+    """The config as the processes of a run must share it (``data_dir`` is each host's own)."""
+    import json
+
+    d = config.to_dict()
+    d.pop("data_dir", None)
+    return json.dumps(d, sort_keys=True, default=str)
+
+
+def _build_job(config: TrainConfig) -> Job:
     dataset, binarize, test_x = load_data(config)
     train_x = np.asarray(dataset.train, np.float32)
     if config.max_train_examples is not None:
@@ -180,8 +209,9 @@ def build_job(config: TrainConfig) -> Job:
         run_config=config,
     )
     # The data the model will see must suit its likelihood (non-binary pixels for a Bernoulli
-    # decoder, NaNs, wrong width): checked on the first batch before anything is written.
-    first_batches, _ = job.epoch_data(0)
+    # decoder, NaNs, wrong width): checked on the first batch before anything is written (on
+    # this process's own copy of it).
+    first_batches, _ = job.whole_epoch(0)
     vae.check_data(np.asarray(first_batches[0]))
     return job
 
@@ -253,7 +283,7 @@ class EpochRunner:
         self.progress = progress
         self.progress_interval = progress_interval
         self.log = log
-        self._run_step = make_epoch_runner(job.train_step)
+        self._run_step = make_epoch_runner(job.train_step, job.mesh)
         self._compiled = None
         self._metric_shapes = None
         self._compile_seconds: float | None = None  # reported with the phase's first epoch
@@ -287,7 +317,8 @@ class EpochRunner:
 
     def _buffers(self):
         steps = self.job.steps_per_epoch
-        return jax.tree.map(lambda s: jnp.zeros((steps, *s.shape), s.dtype), self._metric_shapes)
+        zeros = jax.tree.map(lambda s: jnp.zeros((steps, *s.shape), s.dtype), self._metric_shapes)
+        return distributed.replicate(zeros, self.job.mesh)  # as the step returns them
 
     def probe(self, state: TrainState, epoch: int, key: jax.Array, num_steps: int) -> float:
         """Time ``num_steps`` steps from ``state`` on 0-based ``epoch``'s batches and ``key``
@@ -327,12 +358,13 @@ class EpochRunner:
         bar = tqdm(  # opened after compiling, so its rate and ETA are the steps' alone
             total=steps,
             desc=f"epoch {epoch + 1}/{config.epochs}",
-            disable=not self.progress,
+            disable=not self.progress or not distributed.is_primary(),
             leave=False,
             file=sys.stderr,
             unit="step",
         )
         timing = not self._timed
+        solo = jax.process_count() == 1  # several processes run every step together
         t0 = time.perf_counter()
         last_refresh, shown = t0, 0
         for i in range(steps):
@@ -343,7 +375,7 @@ class EpochRunner:
             now = time.perf_counter()
             if self.progress and (now - last_refresh >= self.progress_interval or i == 0):
                 host = jax.device_get(buffers)  # waits for step i: timings below are real
-                if not np.all(host["finite"][: i + 1]):
+                if solo and not np.all(host["finite"][: i + 1]):
                     break  # reported by check_finite, with the step number
                 elapsed = time.perf_counter() - t0
                 bar.set_postfix(self._postfix(host, i + 1, elapsed, epoch))
@@ -527,27 +559,35 @@ def train(
         checkpoint stays).
       vaeml_jax.checkpoint.CheckpointError: a checkpoint that cannot be read.
     """
-    from vaeml_jax import distributed
-
-    log = log or _log_to_stderr
+    # Several processes: all run the same steps; process 0 alone logs and writes the run
+    # directory's files, the checkpoints are written by all together (Orbax).
+    primary = distributed.is_primary()
+    log = (log or _log_to_stderr) if primary else _silent
     config = config.resolved()
     run_dir = Path(out_dir)
-    continuing = prepare_run_dir(config, run_dir, resume)
+    continuing = distributed.agree(
+        lambda: prepare_run_dir(config, run_dir, resume), f"to check --out {run_dir}"
+    )
     job = build_job(config)  # data, model, estimator: bad input fails here, nothing written yet
-    state = job.initial_state()
+    # Fresh and restored states placed alike (replicated over the mesh, committed), so a resumed
+    # run compiles to the same program as an uninterrupted one (and hits the compilation cache).
+    state = distributed.replicate(job.initial_state(), job.mesh)
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_config(run_dir, config)
+    if primary:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_config(run_dir, config)
+    distributed.sync("vaeml train: run directory written")
     log(describe(job, run_dir))
     with Checkpointer(run_dir / CHECKPOINT_DIR, keep=config.keep_checkpoints) as ckpt:
         start_epoch = 0
         if continuing and ckpt.latest_epoch() is not None:
             state, start_epoch = _restore(ckpt, state)
             log(f"resuming {run_dir} from the checkpoint of epoch {start_epoch}")
-        # Fresh and restored states placed alike (committed to the device), so a resumed run
-        # compiles to the same program as an uninterrupted one (and hits the compilation cache).
         state = distributed.replicate(state, job.mesh)
-        records = truncate_metrics(run_dir, start_epoch)
+        if primary:
+            records = truncate_metrics(run_dir, start_epoch)
+        else:
+            records = [r for r in read_metrics(run_dir) if r["epoch"] <= start_epoch]
         if start_epoch >= config.epochs:
             log(
                 f"{run_dir} has already been trained for {start_epoch} epochs (--epochs "
@@ -595,7 +635,7 @@ def _train_epoch(
     evaluation = None
     if job.eval_x is not None and (epoch + 1) % config.eval_every == 0:
         evaluation = evaluate_during_training(
-            job.vae, state.params, job.eval_x, config, job.eval_key(epoch)
+            job.vae, state.params, job.eval_x, config, job.eval_key(epoch), mesh=job.mesh
         )
     record = epoch_record(
         host,
@@ -609,8 +649,9 @@ def _train_epoch(
         phase=job.phase,
         estimator=config.estimator,
     )
-    append_metrics(run_dir, record)
-    save_meeting_times(run_dir, host["meeting_time"])
+    if distributed.is_primary():
+        append_metrics(run_dir, record)
+        save_meeting_times(run_dir, host["meeting_time"])
     health.check(record_summary(record), epoch + 1, _max_iters(config))
     last = epoch + 1 == config.epochs
     if last or (config.checkpoint_every and (epoch + 1) % config.checkpoint_every == 0):
@@ -651,8 +692,12 @@ def _summary(run_dir: Path, epoch: int, start_epoch: int, record: Any, state: Tr
         "epoch": epoch,
         "start_epoch": start_epoch,
         "metrics": record,
-        "params": jax.device_get(state.params),
+        "params": distributed.to_host(state.params),
     }
+
+
+def _silent(msg: str) -> None:
+    """The log of every process but 0."""
 
 
 def _log_to_stderr(msg: str) -> None:

@@ -171,11 +171,14 @@ def save_meeting_times(run_dir: Path, meeting_time: np.ndarray) -> None:
     save_npy_atomic(run_dir / MEETING_TIMES_FILE, meeting_time.reshape(-1, meeting_time.shape[-1]))
 
 
-def load_run(run_dir: str | Path, epoch: int | None = None):
+def load_run(run_dir: str | Path, epoch: int | None = None, *, mesh=None):
     """Load a trained run: ``(config, vae, params, epoch)`` from its config and a checkpoint.
 
-    ``epoch=None`` takes the latest readable checkpoint. Raises RunDirError if ``run_dir`` holds
-    no run, CheckpointError if no checkpoint can be read.
+    ``epoch=None`` takes the latest readable checkpoint. The parameters come back on this
+    process's first device, or replicated over ``mesh`` (a :class:`jax.sharding.Mesh`, possibly
+    spanning several processes: every process then calls this together). Whatever the number of
+    devices and processes that wrote the checkpoint. Raises RunDirError if ``run_dir`` holds no
+    run, CheckpointError if no checkpoint can be read.
     """
     from vaeml_jax.checkpoint import CheckpointError
 
@@ -201,3 +204,9 @@ def load_run(run_dir: str | Path, epoch: int | None = None):
     finally:
         ckpt.close()
     return config, vae, state["params"], epoch
+    if mesh is not None:
+        replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        params, opt_state = jax.tree.map(
+            lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),
+            (params, opt_state),
+        )
