@@ -1,4 +1,5 @@
-"""The ``vaeml`` command line: ``vaeml train``, ``vaeml evaluate DIR``, ``vaeml plot DIR``.
+"""The ``vaeml`` command line: ``vaeml train``, ``vaeml evaluate DIR``, ``vaeml plot DIR``, and
+``vaeml launch -n N -- COMMAND ...`` (N local processes of one multi-process run).
 
 Every error a user can cause (an unknown dataset or estimator, a missing or corrupt data file, an
 output directory holding another run, data the model cannot take, k > m, a diverging run, an
@@ -59,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
         "chains (Ruiz et al., UAI 2021), or with the ELBO / IWAE / MCMC baselines.",
     )
     p.add_argument("--version", action="version", version=f"vaeml-jax {__version__}")
-    sub = p.add_subparsers(dest="command", metavar="{train,evaluate,plot}")
+    sub = p.add_subparsers(dest="command", metavar="{train,evaluate,plot,launch}")
     sub.required = True
 
     S = argparse.SUPPRESS  # train flags: absent unless given, so config files can fill them
@@ -210,7 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--distributed",
         action="store_true",
-        help="call jax.distributed.initialize() first (multi-host; see README)",
+        help="join a multi-process run (every process runs this same command; coordinator from "
+        "$JAX_COORDINATOR_ADDRESS, $JAX_NUM_PROCESSES, $JAX_PROCESS_ID or the cluster; see "
+        "`vaeml launch` and docs/distributed.md)",
     )
 
     e = sub.add_parser(
@@ -230,6 +233,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=_positive_int, default=0, help="sampling seed (0)")
     e.add_argument("--data-dir", metavar="DIR", help="data folder (default: the run's)")
     e.add_argument("--output", metavar="FILE", help="where to write (default DIR/eval.json)")
+    e.add_argument(
+        "--distributed",
+        action="store_true",
+        help="join a multi-process run, as for train (the examples are split over every "
+        "device of every process)",
+    )
     a = e.add_argument_group("annealed importance sampling (--method ais; Wu et al. 2017)")
     a.add_argument("--ais-steps", type=_positive_int, help="temperatures T after b_0 (500)")
     a.add_argument("--ais-chains", type=_positive_int, help="independent chains per example (16)")
@@ -252,6 +261,32 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--num-samples", type=_positive_int, default=64, help="samples shown (64)")
     pl.add_argument("--seed", type=_positive_int, default=0)
     pl.add_argument("--data-dir", metavar="DIR", help="data folder (default: the run's)")
+
+    la = sub.add_parser(
+        "launch",
+        help="run a command as N processes of one multi-process run on this machine",
+        description="Start N processes of `vaeml COMMAND ...` on this machine, joined into one "
+        "multi-process run (coordinator on 127.0.0.1; --distributed is added for train and "
+        "evaluate). Process 0 prints the log; if one process fails, the others are stopped. "
+        "Example: vaeml launch -n 2 --cpu-devices 2 -- train --epochs 1 --out runs/two",
+    )
+    la.add_argument("-n", "--num-processes", type=_positive_int, default=2, help="processes (2)")
+    la.add_argument(
+        "--cpu-devices",
+        type=_positive_int,
+        metavar="K",
+        help="run on the CPU, split into K devices per process (XLA_FLAGS); default: the "
+        "devices JAX finds",
+    )
+    la.add_argument(
+        "--port", type=_positive_int, help="coordinator port on 127.0.0.1 (default: a free one)"
+    )
+    la.add_argument(
+        "--timeout",
+        type=float,
+        help="seconds for the processes to join (default $VAEML_DISTRIBUTED_TIMEOUT, else 300)",
+    )
+    la.add_argument("args", nargs=argparse.REMAINDER, metavar="-- COMMAND ...")
     return p
 
 
@@ -308,17 +343,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     from vaeml_jax.training import train
 
     if getattr(args, "distributed", False):
-        import jax
+        from vaeml_jax import distributed
 
-        env = os.environ
-        kwargs = {}
-        if "JAX_COORDINATOR_ADDRESS" in env:  # explicit set-up; else JAX's cluster auto-detection
-            kwargs = dict(
-                coordinator_address=env["JAX_COORDINATOR_ADDRESS"],
-                num_processes=int(env.get("JAX_NUM_PROCESSES", "1")),
-                process_id=int(env.get("JAX_PROCESS_ID", "0")),
-            )
-        jax.distributed.initialize(**kwargs)
+        distributed.initialize()  # the coordinator from the environment or the cluster
 
     cfg, out, recipe = _resolve_train_config(args)
     resume = bool(getattr(args, "resume", False))
@@ -339,6 +366,10 @@ def cmd_train(args: argparse.Namespace) -> int:
             tqdm.write(notes.pop(0), file=sys.stderr)
 
     res = train(cfg, out, resume=resume, progress=not getattr(args, "no_progress", False), log=log)
+    from vaeml_jax import distributed
+
+    if not distributed.is_primary():  # process 0 reports for the run
+        return 0
     m = res["metrics"]
     line = f"trained {res['epoch']} epochs into {out}"
     if m is not None:
@@ -359,6 +390,10 @@ def _json_default(o):
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    from vaeml_jax import distributed
+
+    if args.distributed:
+        distributed.initialize()  # before anything else touches JAX
     import jax
 
     from vaeml_jax.evaluation import SCHEDULES, evaluate
@@ -388,7 +423,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         choices = " or ".join(SCHEDULES)
         raise CLIError(f"unknown --ais-schedule {args.ais_schedule!r}; choose {choices}.")
     run_dir = Path(args.run_dir)
-    config, vae, params, epoch = load_run(run_dir, args.epoch)
+    mesh = distributed.make_mesh()  # every device of every process: the examples split over them
+    config, vae, params, epoch = load_run(run_dir, args.epoch, mesh=mesh)
     _, _, x = load_data(config, args.data_dir)
     if args.max_test_examples:
         x = x[: args.max_test_examples]
@@ -404,6 +440,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         chunk_size=min(args.chunk_size, args.num_samples),
         batch_size=min(args.batch_size, x.shape[0]),
         elbo_samples=args.elbo_samples,
+        mesh=mesh,
         **ais_kwargs,
     )
     seconds = time.perf_counter() - t0
@@ -422,11 +459,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         "test_elbo_stderr": float(res["test_elbo_stderr"]),
         "seconds": float(res.get("seconds", seconds)),
         "seed": args.seed,
+        "num_processes": jax.process_count(),
         "units": "nats per example (higher is better)",
     }
     if "ais" in res:
         out["ais"] = res["ais"]
     path = Path(args.output) if args.output else run_dir / EVAL_FILE
+    if not distributed.is_primary():  # every process has the result; process 0 writes it
+        return 0
     write_atomic(path, json.dumps(out, indent=2, default=_json_default) + "\n")
     rows = [
         ("run", str(run_dir)),
@@ -452,6 +492,28 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_launch(args: argparse.Namespace) -> int:
+    from vaeml_jax.distributed import launch
+
+    command = list(args.args)
+    if command[:1] == ["--"]:
+        command = command[1:]
+    if not command:
+        raise CLIError("vaeml launch needs a command after --, e.g. `vaeml launch -n 2 -- train`.")
+    if command[0] not in COMMANDS or command[0] == "launch":
+        raise CLIError(
+            f"vaeml launch runs train, evaluate or plot, not {command[0]!r} "
+            "(e.g. `vaeml launch -n 2 -- train --out runs/two`)."
+        )
+    return launch(
+        command,
+        num_processes=args.num_processes,
+        cpu_devices=args.cpu_devices,
+        port=args.port,
+        timeout=args.timeout,
+    )
+
+
 def cmd_plot(args: argparse.Namespace) -> int:
     from vaeml_jax.plot import plot_run
 
@@ -467,16 +529,18 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "plot": cmd_plot}
+COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "plot": cmd_plot, "launch": cmd_launch}
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Exception types that mean bad input (not a bug): reported in one line."""
     from vaeml_jax.checkpoint import CheckpointError
+    from vaeml_jax.distributed import DistributedError
     from vaeml_jax.training import TrainingDiverged
 
     errors: list[type[BaseException]] = [
         CLIError,
+        DistributedError,
         ValueError,  # ConfigError, RunDirError, DataError and model.check_data's errors
         TypeError,
         CheckpointError,

@@ -30,6 +30,14 @@ example; padded results are dropped); each batch is ONE jitted call, with the mo
 static and ``params`` traced (changing params, e.g. every epoch during training, does not
 recompile). :func:`ais_log_weights_batch` is the jit-able AIS core for callers that want their
 own loop.
+
+Data parallel: with ``mesh=`` (a :func:`vaeml_jax.distributed.make_mesh` mesh, over the devices of
+one or several processes) every batch is split over the mesh's devices with
+:func:`jax.shard_map` (the batch size is rounded up to a multiple of the device count); the loop
+over batches stays on the host, in every process, and the per-example results are gathered to
+every process. Since example n's randomness depends only on (key, N, n), the estimate is the same
+on any number of devices and processes, up to float rounding. With several processes, every
+process calls the function with the same arguments.
 """
 
 from __future__ import annotations
@@ -38,13 +46,16 @@ import functools
 import math
 import numbers
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.scipy.special import logsumexp
+from jax.sharding import PartitionSpec
 
+from vaeml_jax import distributed
 from vaeml_jax.estimators._common import as_key, check_int
 from vaeml_jax.models.interface import (
     LatentVariableModel,
@@ -124,18 +135,72 @@ def _prepare(model, params, x, key):
     return jnp.asarray(x), as_key(key), latent_dtype
 
 
-def _batched(fn, x, keys, batch_size: int) -> Array:
-    """``fn(x_batch, keys_batch) -> (b, ...)`` over padded batches of ``batch_size``; (N, ...)."""
+def _batched(fn, x, keys, batch_size: int, mesh=None, on_batch=None) -> Array:
+    """``fn(x_batch, keys_batch) -> (b, ...)`` over padded batches of ``batch_size``; (N, ...).
+
+    With a ``mesh``, ``fn`` is an :func:`_over_mesh` function: each batch (``batch_size`` rounded
+    up to a multiple of the device count) is split over the mesh, the results gathered at the end.
+    ``on_batch(n)``: called on the host once each batch has finished, with its number of real
+    (unpadded) examples, e.g. to advance a progress bar.
+    """
     n = x.shape[0]
     batch_size = min(batch_size, n)
+    if mesh is not None:
+        devices = distributed.num_devices(mesh)
+        batch_size = -(-batch_size // devices) * devices
     pad = (-n) % batch_size
     if pad:  # repeat the first example of the tail; its results are dropped below
         x = jnp.concatenate([x, jnp.repeat(x[:1], pad, axis=0)])
         keys = jnp.concatenate([keys, jnp.repeat(keys[:1], pad, axis=0)])
-    out = [
-        fn(x[s : s + batch_size], keys[s : s + batch_size]) for s in range(0, n + pad, batch_size)
-    ]
-    return jnp.concatenate(out)[:n]
+    starts = range(0, n + pad, batch_size)
+
+    def done(o, s):
+        if on_batch is not None:
+            jax.block_until_ready(o)
+            on_batch(min(batch_size, n - s))
+        return o
+
+    if mesh is None:
+        out = [done(fn(x[s : s + batch_size], keys[s : s + batch_size]), s) for s in starts]
+        return jnp.concatenate(out)[:n]
+    key_data = jax.random.key_data(keys)
+    out = []
+    for s in starts:  # one batch over all devices at a time
+        xb = distributed.shard_batch(x[s : s + batch_size], mesh)
+        kb = distributed.shard_batch(key_data[s : s + batch_size], mesh)
+        out.append(done(fn(xb, kb), s))
+    return jnp.asarray(np.concatenate([distributed.to_host(o) for o in out])[:n])
+
+
+def _over_mesh(batch_fn, model, params, keys, mesh, *consts, **static):
+    """``batch_fn(model, params, x, keys, *consts, **static)`` as ``f(x, key_data)`` with x and the
+    keys' data sharded over ``mesh`` (shard_map; params and consts replicated)."""
+    run = _shard_mapped(
+        batch_fn, model, mesh, jax.random.key_impl(keys), len(consts), tuple(sorted(static.items()))
+    )
+    params, consts = distributed.replicate((params, consts), mesh)
+    return lambda xb, kb: run(params, xb, kb, *consts)
+
+
+@functools.lru_cache(maxsize=32)
+def _shard_mapped(batch_fn, model, mesh, impl, num_consts: int, static: tuple):
+    """Jitted shard_map of ``batch_fn``; cached, so a new ``params`` (every epoch's in-training
+    evaluation) does not recompile."""
+    batch = PartitionSpec(distributed.BATCH_AXIS)
+
+    def local(params, xb, kb, *consts):
+        keys = jax.random.wrap_key_data(kb, impl=impl)
+        return batch_fn(model, params, xb, keys, *consts, **dict(static))
+
+    return jax.jit(
+        jax.shard_map(
+            local,
+            mesh=mesh,
+            in_specs=(PartitionSpec(), batch, batch, *[PartitionSpec()] * num_consts),
+            out_specs=batch,
+            check_vma=False,
+        )
+    )
 
 
 def _sampled_log_w(model, params, xi, key, idx):
@@ -188,6 +253,8 @@ def importance_log_likelihood(
     num_samples: int = 5000,
     chunk_size: int = 500,
     batch_size: int = 100,
+    mesh: jax.sharding.Mesh | None = None,
+    on_batch: Callable[[int], None] | None = None,
 ) -> Array:
     r"""Per-example IS estimate log (1/K) \sum_k w_k, w_k = p(x, z_k) / q(z_k | x), z_k ~ q(z|x).
 
@@ -203,6 +270,9 @@ def importance_log_likelihood(
       chunk_size: samples evaluated at once per example; memory ~ batch_size * chunk_size
         latents and decoder outputs. Does not change which samples are drawn.
       batch_size: examples per jitted call.
+      mesh: split every batch over this mesh's devices (see the module docstring); None: one
+        device.
+      on_batch: called on the host after each batch with its number of examples (progress).
     Returns:
       (N,) estimates in nats (float of the model's log densities; float32 is exact enough: the
       running logsumexp never exponentiates a positive number).
@@ -212,8 +282,12 @@ def importance_log_likelihood(
     batch_size = _check_positive("batch_size", batch_size)
     x, key, _ = _prepare(model, params, x, key)
     keys = jax.random.split(key, x.shape[0])
-    fn = functools.partial(_is_batch, model, params, num_samples=num_samples, chunk_size=chunk_size)
-    return _batched(fn, x, keys, batch_size)
+    static = dict(num_samples=num_samples, chunk_size=chunk_size)
+    if mesh is None:
+        fn = functools.partial(_is_batch, model, params, **static)
+    else:
+        fn = _over_mesh(_is_batch, model, params, keys, mesh, **static)
+    return _batched(fn, x, keys, batch_size, mesh, on_batch)
 
 
 @functools.partial(jax.jit, static_argnames=("model", "num_samples"))
@@ -233,19 +307,23 @@ def elbo(
     *,
     num_samples: int = 1,
     batch_size: int = 100,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> Array:
     r"""Per-example ELBO estimate (1/K) \sum_k log p(x, z_k) / q(z_k | x), z_k ~ q(z|x).
 
     Unbiased for ELBO(x) = E_q[log p(x, z) - log q(z|x)] <= log p(x). Draws exactly as
-    :func:`importance_log_likelihood` does (same key, same z_k), so for one sample the two agree.
-    Returns (N,) values in nats.
+    :func:`importance_log_likelihood` does (same key, same z_k), so for one sample the two agree;
+    ``mesh`` as there. Returns (N,) values in nats.
     """
     num_samples = _check_positive("num_samples", num_samples)
     batch_size = _check_positive("batch_size", batch_size)
     x, key, _ = _prepare(model, params, x, key)
     keys = jax.random.split(key, x.shape[0])
-    fn = functools.partial(_elbo_batch, model, params, num_samples=num_samples)
-    return _batched(fn, x, keys, batch_size)
+    if mesh is None:
+        fn = functools.partial(_elbo_batch, model, params, num_samples=num_samples)
+    else:
+        fn = _over_mesh(_elbo_batch, model, params, keys, mesh, num_samples=num_samples)
+    return _batched(fn, x, keys, batch_size, mesh)
 
 
 # --------------------------------------------------------------------------- AIS
@@ -461,6 +539,8 @@ def ais_log_weights(
     adapt_chains: int = 4,
     target_accept: float = 0.65,
     adapt_rate: float = 0.25,
+    mesh: jax.sharding.Mesh | None = None,
+    on_batch: Callable[[int], None] | None = None,
 ) -> Array:
     """(N, num_chains) AIS log weights log w_c of :func:`ais_log_likelihood` (same arguments).
 
@@ -482,6 +562,17 @@ def ais_log_weights(
     if num_steps == 1:
         adapt_chains = 0  # no transitions: plain IS with num_chains samples, nothing to adapt
     keys = jax.random.split(key, x.shape[0])
+    if mesh is not None:
+        static = dict(
+            num_chains=num_chains,
+            leapfrog_steps=leapfrog_steps,
+            adapt_chains=adapt_chains,
+            target_accept=target_accept,
+            adapt_rate=adapt_rate,
+        )
+        consts = (betas, jnp.asarray(step_size))
+        run = _over_mesh(ais_log_weights_batch, model, params, keys, mesh, *consts, **static)
+        return _batched(lambda xb, kb: run(xb, kb)[0], x, keys, batch_size, mesh, on_batch)
 
     def fn(xb, kb):
         logw, _ = ais_log_weights_batch(
@@ -499,7 +590,7 @@ def ais_log_weights(
         )
         return logw
 
-    return _batched(fn, x, keys, batch_size)
+    return _batched(fn, x, keys, batch_size, on_batch=on_batch)
 
 
 def ais_log_likelihood(
@@ -517,6 +608,8 @@ def ais_log_likelihood(
     adapt_chains: int = 4,
     target_accept: float = 0.65,
     adapt_rate: float = 0.25,
+    mesh: jax.sharding.Mesh | None = None,
+    on_batch: Callable[[int], None] | None = None,
 ) -> Array:
     r"""Per-example AIS estimate of log p(x), annealing from q(z|x) to p(z|x) with HMC.
 
@@ -556,6 +649,8 @@ def ais_log_likelihood(
       leapfrog_steps, step_size: HMC settings (step_size: the initial/fixed step size).
       schedule: ``"sigmoid"`` or ``"linear"``.
       adapt_chains, target_accept, adapt_rate: the step-size pilot described above.
+      mesh: split every batch over this mesh's devices (see the module docstring).
+      on_batch: called on the host after each batch with its number of examples (progress).
     Returns:
       (N,) estimates in nats.
     """
@@ -573,6 +668,8 @@ def ais_log_likelihood(
         adapt_chains=adapt_chains,
         target_accept=target_accept,
         adapt_rate=adapt_rate,
+        mesh=mesh,
+        on_batch=on_batch,
     )
     return logsumexp(logw, axis=1) - math.log(logw.shape[1])
 
@@ -591,6 +688,8 @@ def evaluate(
     chunk_size: int = 500,
     batch_size: int = 100,
     elbo_samples: int = 10,
+    mesh: jax.sharding.Mesh | None = None,
+    progress: Callable[[int], None] | None = None,
     **ais_kwargs,
 ) -> dict:
     """Test log-likelihood (``method`` "is" or "ais") and test ELBO, as a dict for eval.json.
@@ -598,7 +697,11 @@ def evaluate(
     ``key`` is split in two: the log-likelihood estimator gets the first half, the ELBO (with
     ``elbo_samples`` draws per example) the second. ``num_samples`` and ``chunk_size`` are the IS
     settings; with ``method="ais"`` they are not used and ``ais_kwargs`` (any of
-    ``AIS_OPTIONS``) go to :func:`ais_log_likelihood`.
+    ``AIS_OPTIONS``) go to :func:`ais_log_likelihood`. ``mesh``: split every batch of examples
+    over this mesh's devices, of one or several processes (see the module docstring); the result
+    is the same as on one device up to float rounding. ``progress(n)`` is called on the host as
+    each batch of the log-likelihood estimator finishes, with its number of examples (the ELBO
+    pass that follows is cheap and not reported).
 
     Returns:
       ``{"method", "test_log_likelihood", "test_log_likelihood_stderr", "test_elbo",
@@ -632,11 +735,20 @@ def evaluate(
             num_samples=num_samples,
             chunk_size=chunk_size,
             batch_size=batch_size,
+            mesh=mesh,
+            on_batch=progress,
         )
         k_used, evals = int(num_samples), int(num_samples)
     else:
         per_example = ais_log_likelihood(
-            model, params, x, key_ll, batch_size=batch_size, **ais_kwargs
+            model,
+            params,
+            x,
+            key_ll,
+            batch_size=batch_size,
+            mesh=mesh,
+            on_batch=progress,
+            **ais_kwargs,
         )
         defaults = {n: ais_log_likelihood.__kwdefaults__[n] for n in AIS_OPTIONS}
         settings = {**defaults, **ais_kwargs}
@@ -648,7 +760,9 @@ def evaluate(
             settings["adapt_chains"] if settings["num_steps"] > 1 else 0,
         )
         extra["ais"] = settings
-    elbos = elbo(model, params, x, key_elbo, num_samples=elbo_samples, batch_size=batch_size)
+    elbos = elbo(
+        model, params, x, key_elbo, num_samples=elbo_samples, batch_size=batch_size, mesh=mesh
+    )
     per_example = np.asarray(per_example, np.float64)
     elbos = np.asarray(elbos, np.float64)
     seconds = time.perf_counter() - t0
