@@ -186,8 +186,8 @@ def _leaves_equal(a, b):
     return len(la) == len(lb) and all(np.array_equal(x, y) for x, y in zip(la, lb, strict=True))
 
 
-def test_resumed_run_ends_with_the_parameters_of_an_uninterrupted_one(tmp_path, data_dir):
-    cfg = TrainConfig(data_dir=str(data_dir), epochs=3, checkpoint_every=1, **SMALL)
+def test_resumed_run_ends_with_the_parameters_of_an_uninterrupted_one(tmp_path, mnist_dir):
+    cfg = TrainConfig(data_dir=str(mnist_dir), epochs=3, checkpoint_every=1, **SMALL)
     full = train(cfg, tmp_path / "full", progress=False, log=lambda s: None)
     part = train(
         dataclasses.replace(cfg, epochs=1), tmp_path / "part", progress=False, log=lambda s: None
@@ -214,8 +214,8 @@ def test_resumed_run_ends_with_the_parameters_of_an_uninterrupted_one(tmp_path, 
         )
 
 
-def test_a_run_announces_its_estimated_length_once(tmp_path, data_dir):
-    cfg = TrainConfig(data_dir=str(data_dir), epochs=2, **SMALL)
+def test_a_run_announces_its_estimated_length_once(tmp_path, mnist_dir):
+    cfg = TrainConfig(data_dir=str(mnist_dir), epochs=2, **SMALL)
     lines: list[str] = []
     train(cfg, tmp_path / "run", progress=False, log=lines.append)
     est = [i for i, ln in enumerate(lines) if ln.startswith("vaeml: estimated total ~")]
@@ -296,18 +296,27 @@ def _opt_count(run_dir, epoch):
     return int(state["opt_state"].inner_state[0].count)
 
 
-def test_warm_start_then_main_resumes_bitwise_from_either_phase(tmp_path, data_dir):
+def test_warm_start_then_main_resumes_bitwise_from_either_phase(tmp_path, mnist_dir):
     """IWAE-5 for 2 epochs, then the unbiased estimator for 1, from the same params and Adam state;
     a run that died after epoch 1 (warm phase) or 2 (phase boundary) resumes to the same bits.
     The records say which phase and estimator every epoch had, with sane diagnostics."""
     import shutil
 
-    cfg = TrainConfig(data_dir=str(data_dir), epochs=3, warm_start_epochs=2, **SMALL)
+    cfg = TrainConfig(data_dir=str(mnist_dir), epochs=3, warm_start_epochs=2, **SMALL)
     lines: list[str] = []
     full = train(cfg, tmp_path / "full", progress=False, log=lines.append)
     assert "after 2 warm-start epochs of iwae (S=5" in lines[0]
     assert any(ln.startswith("vaeml: estimated warm-start phase ~") for ln in lines), lines
     assert any(ln.startswith("vaeml: estimated main phase ~") for ln in lines), lines
+    # both phases compiled up front, each announced with its time, before the first epoch
+    first_epoch = next(i for i, ln in enumerate(lines) if ln.startswith("epoch 1/3"))
+    for step in ("iwae warm-start step (S=5)", "unbiased training step (S=4)"):
+        done = [i for i, ln in enumerate(lines) if ln.startswith(f"vaeml: compiling the {step}: ")]
+        assert len(done) == 1 and done[0] < first_epoch and " s" in lines[done[0]], lines
+    # the main phase is timed after the first warm-start epoch (its 4 steps dropped): the whole
+    # run's length is known from then on
+    probe = [ln for ln in lines if ln.startswith("vaeml: estimated run left ~")]
+    assert len(probe) == 1 and "timed on 4 unbiased steps after epoch 1" in probe[0], lines
     stored = json.loads((tmp_path / "full" / "config.json").read_text())
     assert (stored["warm_start_epochs"], stored["warm_start_estimator"]) == (2, "iwae")
     assert stored["warm_start_num_particles"] == 5 and stored["estimator"] == "unbiased"
@@ -322,6 +331,9 @@ def test_warm_start_then_main_resumes_bitwise_from_either_phase(tmp_path, data_d
         assert r["log_weight_std_mean"] > 0 and r["nonfinite_weight_fraction"] == 0.0
         assert r["tail_index"] is None or r["tail_index"] > 0
     assert recs[0]["tail_index"] is None  # IWAE has no meeting times
+    for r in recs[:2]:  # nor any chain statistic: null, never a stand-in 0
+        assert r["meeting_time_mean"] is None and r["capped_fraction"] is None
+    assert recs[2]["meeting_time_mean"] >= 1 and recs[2]["capped_fraction"] is not None
     assert _opt_count(tmp_path / "full", 3) == 12  # 3 epochs x 4 steps: Adam never restarted
     for died_after in (1, 2):
         part = tmp_path / f"died{died_after}"
@@ -336,7 +348,9 @@ def test_warm_start_then_main_resumes_bitwise_from_either_phase(tmp_path, data_d
         assert strip == ref
 
 
-def test_nan_importance_weights_give_the_warning_then_a_clean_stop(tmp_path, data_dir, monkeypatch):
+def test_nan_importance_weights_give_the_warning_then_a_clean_stop(
+    tmp_path, mnist_dir, monkeypatch
+):
     """A model whose log p(x, z) is NaN for some examples: the epoch's warning line names the
     non-finite weights before TrainingDiverged stops the run (nothing saved, no crash)."""
     from vaeml_jax.training import TrainingDiverged, loop
@@ -351,10 +365,40 @@ def test_nan_importance_weights_give_the_warning_then_a_clean_stop(tmp_path, dat
         return real(config, model._replace(log_joint=log_joint))
 
     monkeypatch.setattr(loop, "make_estimator", poisoned)
-    cfg = TrainConfig(data_dir=str(data_dir), epochs=1, **{**SMALL, "estimator": "iwae"})
+    cfg = TrainConfig(data_dir=str(mnist_dir), epochs=1, **{**SMALL, "estimator": "iwae"})
     lines: list[str] = []
     with pytest.raises(TrainingDiverged, match="non-finite loss or gradients at epoch 1"):
         train(cfg, tmp_path / "nan", progress=True, log=lines.append)
     warn = [ln for ln in lines if ln.startswith("vaeml: warning: epoch 1: ")]
     assert len(warn) == 1 and "had no finite importance weight" in warn[0], lines
     assert not list((tmp_path / "nan" / "checkpoints").glob("[0-9]*"))  # no epoch saved
+
+
+def test_the_bar_shows_the_time_left_in_the_whole_run():
+    """During the warm start the bar adds the main phase once it is timed; before that it says a
+    phase is still to come rather than showing the warm start's time alone."""
+    from types import SimpleNamespace
+
+    from vaeml_jax.training.loop import EpochRunner
+
+    job = SimpleNamespace(
+        config=SimpleNamespace(batch_size=50, epochs=3, estimator="iwae", num_particles=5),
+        steps_per_epoch=4,
+        train_step=lambda *a: None,
+        mesh=None,
+        phase="warm_start",
+    )
+    later: list[float | None] = [None]
+    runner = EpochRunner(
+        job, start_epoch=0, end_epoch=2, progress=True, progress_interval=1.0,
+        log=lambda s: None, later_seconds=lambda: later[0],
+    )  # fmt: skip
+    host = {
+        "bound": np.full(4, -100.0, np.float32),
+        "meeting_time": np.zeros((4, 50, 1), np.int32),
+        "ess": np.full((4, 50), 2.0, np.float32),
+    }
+    post = runner._postfix(host, 2, 2.0, 0)  # 1 s/step, 6 warm-start steps left
+    assert post["run left"] == "~6 s + next phase" and "tau" not in post  # no chains here
+    later[0] = 600.0
+    assert runner._postfix(host, 2, 2.0, 0)["run left"] == "~10 min"

@@ -20,7 +20,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "use_compilation_cache"]
 
 EVAL_FILE = "eval.json"
 
@@ -53,6 +53,16 @@ def _slots(s: str):
 
 def build_parser() -> argparse.ArgumentParser:
     from vaeml_jax import __version__
+    from vaeml_jax.data import DATASETS
+    from vaeml_jax.training.config import (
+        BINARIZATIONS,
+        ENCODER_OBJECTIVE_CHOICES,
+        ENCODERS,
+        LIKELIHOODS,
+        SCHEDULES,
+        WARM_START_ESTIMATORS,
+        available_estimators,
+    )
 
     p = argparse.ArgumentParser(
         prog="vaeml",
@@ -83,7 +93,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=_positive_int, help="random seed (default 0)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     g = t.add_argument_group("data")
-    g.add_argument("--dataset", help="mnist (default) or another of vaeml_jax.data.DATASETS")
+    g.add_argument(
+        "--dataset",
+        type=lambda s: s.replace("-", "_"),
+        choices=DATASETS,
+        help="default mnist (shipped with the package); the others are read from --data-dir",
+    )
     g.add_argument(
         "--data-dir",
         metavar="DIR",
@@ -91,52 +106,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--binarization",
-        help="dynamic (default for bernoulli: redrawn every epoch), static (once), or none "
-        "(intensities; default for gaussian)",
+        choices=BINARIZATIONS,
+        help="auto (default): dynamic for a Bernoulli decoder (redrawn every epoch), none "
+        "(intensities) for a Gaussian one; static: binarized once",
     )
     g.add_argument(
         "--max-train-examples",
         type=_positive_int,
         metavar="N",
         help="use only the first N training examples (quick runs)",
-    )
-    g = t.add_argument_group("estimator")
-    g.add_argument("--estimator", help="unbiased (default), elbo, iwae, mcmc (sumo if installed)")
-    g.add_argument(
-        "--num-particles", "-S", type=_positive_int, metavar="S", help="particles S (default 10)"
-    )
-    g.add_argument("--k", type=_positive_int, help="H_{k:m} window start k (default 0)")
-    g.add_argument("--m", type=_positive_int, help="H_{k:m} window end m >= k (default 0)")
-    g.add_argument("--num-chains", type=_positive_int, help="coupled pairs per example (default 1)")
-    g.add_argument("--max-iters", type=_positive_int, help="coupled-iteration cap (1000)")
-    g.add_argument(
-        "--num-slots",
-        type=_slots,
-        metavar="P|auto|none",
-        help="unbiased: work-queue slots; auto (default): B*C/4 on CPU, none (all lanes advance "
-        "together until the slowest meets) on accelerators; same estimate either way",
-    )
-    g.add_argument("--num-steps", type=_positive_int, help="mcmc: CIS steps after X_0 (default 5)")
-    g.add_argument("--burn-in", type=_positive_int, help="mcmc: steps not averaged (default 0)")
-    g.add_argument("--min-terms", type=_positive_int, help="sumo: minimum terms m (default 1)")
-    g.add_argument("--max-terms", type=_positive_int, help="sumo: cap on terms J (default 128)")
-    g.add_argument(
-        "--encoder-objective",
-        help="auto (default: elbo for --estimator elbo, sumo_variance for sumo, else iwae), "
-        "elbo, iwae, iwae_dreg (doubly reparameterised), chi2, inclusive_kl, sumo_variance, none",
-    )
-    g.add_argument(
-        "--encoder-particles",
-        type=_positive_int,
-        metavar="K",
-        help="draws of the encoder objective's own (default: reuse the estimator's S draws)",
-    )
-    g.add_argument(
-        "--rejuvenation",
-        metavar="STEPS,SIZE,MEET",
-        help="unbiased: move the kept particles between CIS steps by STEPS MALA steps of SIZE "
-        "and a reflection-maximal random walk of scale MEET (units of q's std), e.g. 3,0.5,0.3; "
-        "plain loop only. Measured to slow meeting on MNIST (benchmarks/RESULTS.md)",
     )
     g = t.add_argument_group("model")
     g.add_argument("--hidden", help="hidden layer widths, e.g. 200,200 (default)")
@@ -146,17 +124,72 @@ def build_parser() -> argparse.ArgumentParser:
         action=argparse.BooleanOptionalAction,
         help="two stochastic layers (default: one)",
     )
-    g.add_argument("--likelihood", help="bernoulli (default) or gaussian")
+    g.add_argument("--likelihood", choices=LIKELIHOODS, help="decoder (default bernoulli)")
     g.add_argument(
-        "--encoder", help="proposal q(z|x): diag (default), full_cov, iaf (inverse AR flow)"
+        "--encoder",
+        choices=ENCODERS,
+        help="proposal q(z|x): diagonal Gaussian (default), full covariance, or inverse "
+        "autoregressive flow",
     )
     g.add_argument("--iaf-layers", type=_positive_int, help="iaf: flow steps (default 2)")
     g.add_argument("--iaf-hidden", help="iaf: MADE hidden widths (default 100,100)")
+    g = t.add_argument_group("estimator (every estimator)")
+    g.add_argument(
+        "--estimator",
+        choices=available_estimators(),
+        help="default unbiased (coupled CIS chains); elbo, iwae, mcmc (biased CIS average) and "
+        "sumo are the baselines",
+    )
+    g.add_argument(
+        "--num-particles", "-S", type=_positive_int, metavar="S", help="particles S (default 10)"
+    )
+    g.add_argument(
+        "--encoder-objective",
+        choices=ENCODER_OBJECTIVE_CHOICES,
+        help="what trains q: auto (default: elbo for --estimator elbo, sumo_variance for sumo, "
+        "else iwae); iwae_dreg is the doubly reparameterised IWAE gradient",
+    )
+    g.add_argument(
+        "--encoder-particles",
+        type=_positive_int,
+        metavar="K",
+        help="draws of the encoder objective's own (default: reuse the estimator's S draws)",
+    )
+    g = t.add_argument_group("unbiased estimator (--estimator unbiased)")
+    g.add_argument("--k", type=_positive_int, help="H_{k:m} window start k (default 0)")
+    g.add_argument("--m", type=_positive_int, help="H_{k:m} window end m >= k (default 0)")
+    g.add_argument("--num-chains", type=_positive_int, help="coupled pairs per example (default 1)")
+    g.add_argument(
+        "--max-iters",
+        type=_positive_int,
+        help="coupled iterations before a pair is stopped unmet, its gradient then biased "
+        "(default 1000)",
+    )
+    g.add_argument(
+        "--num-slots",
+        type=_slots,
+        metavar="P|auto|none",
+        help="work-queue slots; auto (default): B*C/4 on CPU, none (all lanes advance together "
+        "until the slowest meets) on accelerators; same estimate either way",
+    )
+    g.add_argument(
+        "--rejuvenation",
+        metavar="STEPS,SIZE,MEET",
+        help="move the kept particles between CIS steps by STEPS MALA steps of SIZE and a "
+        "reflection-maximal random walk of scale MEET (units of q's std), e.g. 3,0.5,0.3; plain "
+        "loop only; measured to slow meeting on MNIST",
+    )
+    g = t.add_argument_group("mcmc estimator (--estimator mcmc)")
+    g.add_argument("--num-steps", type=_positive_int, help="CIS steps after X_0 (default 5)")
+    g.add_argument("--burn-in", type=_positive_int, help="steps not averaged (default 0)")
+    g = t.add_argument_group("sumo estimator (--estimator sumo)")
+    g.add_argument("--min-terms", type=_positive_int, help="minimum terms m (default 1)")
+    g.add_argument("--max-terms", type=_positive_int, help="cap on terms J (default 128)")
     g = t.add_argument_group("optimisation")
     g.add_argument(
         "--epochs",
         type=_positive_int,
-        help="total epochs (default 100; 3280 with --schedule iwae)",
+        help="total epochs, a warm start's included (default 100; 3280 with --schedule iwae)",
     )
     g.add_argument("--batch-size", type=_positive_int, help="minibatch size (default 100)")
     g.add_argument(
@@ -166,20 +199,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--schedule",
+        choices=SCHEDULES,
         help="constant (default) or iwae (8 stages of 3^(i-1) epochs, lr*10^(-(i-1)/7))",
     )
-    g = t.add_argument_group("warm start (issue 10)")
+    g = t.add_argument_group(
+        "warm start",
+        "By default the unbiased estimator trains its first 4/5 of the epochs with IWAE-5 at "
+        "--lr (1e-3), then goes on with unbiased gradients at lr 3e-5 from the same parameters "
+        "and Adam state. Giving --warm-start-epochs, --lr, --warm-start-lr or --schedule turns "
+        "this recipe off; the other estimators have no warm start unless asked.",
+    )
     g.add_argument(
         "--warm-start-epochs",
         type=int,  # range checked by TrainConfig: one `vaeml: error:` line
         metavar="N",
-        help="train the first N of --epochs with --warm-start-estimator, then go on with "
-        "--estimator from the same parameters and Adam state (default: for the unbiased "
-        "estimator the measured recipe, 4/5 of the epochs with IWAE-5 at 1e-3, then the unbiased "
-        "gradient at lr 3e-5; 0 for the others; giving --warm-start-epochs, --lr, --warm-start-lr "
-        "or --schedule turns the recipe off: 0 then means no warm start)",
+        help="train the first N of --epochs with --warm-start-estimator (0: no warm start)",
     )
-    g.add_argument("--warm-start-estimator", help="iwae (default) or elbo")
+    g.add_argument("--warm-start-estimator", choices=WARM_START_ESTIMATORS, help="default iwae")
     g.add_argument(
         "--warm-start-num-particles", type=int, metavar="S", help="its particles (default 5)"
     )
@@ -223,9 +259,27 @@ def build_parser() -> argparse.ArgumentParser:
         "and write DIR/eval.json.",
     )
     e.add_argument("run_dir", metavar="DIR")
-    e.add_argument("--num-samples", "-K", type=_positive_int, default=5000, help="K (5000)")
-    e.add_argument("--method", default="is", help="is (importance sampling, default) or ais")
-    e.add_argument("--max-test-examples", type=_positive_int, metavar="N", help="first N only")
+    e.add_argument(
+        "--num-samples",
+        "-K",
+        type=_positive_int,
+        default=5000,
+        metavar="K",
+        help="importance samples per test image (default 5000, the literature's protocol)",
+    )
+    e.add_argument(
+        "--method",
+        default="is",
+        choices=("is", "ais"),
+        help="is (importance sampling, default) or ais (annealed importance sampling)",
+    )
+    e.add_argument(
+        "--max-test-examples",
+        type=_positive_int,
+        metavar="N",
+        help="the first N test images only (default: all 10,000 of MNIST); e.g. "
+        "--max-test-examples 1000 -K 1000 for a quick estimate",
+    )
     e.add_argument("--chunk-size", type=_positive_int, default=500, help="samples per chunk (500)")
     e.add_argument("--batch-size", type=_positive_int, default=100, help="examples per batch (100)")
     e.add_argument("--elbo-samples", type=_positive_int, default=10, help="for the test ELBO (10)")
@@ -233,6 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=_positive_int, default=0, help="sampling seed (0)")
     e.add_argument("--data-dir", metavar="DIR", help="data folder (default: the run's)")
     e.add_argument("--output", metavar="FILE", help="where to write (default DIR/eval.json)")
+    e.add_argument("--no-progress", action="store_true", help="no progress bar")
     e.add_argument(
         "--distributed",
         action="store_true",
@@ -244,7 +299,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--ais-chains", type=_positive_int, help="independent chains per example (16)")
     a.add_argument("--ais-leapfrog", type=_positive_int, help="HMC leapfrog steps (10)")
     a.add_argument("--ais-step-size", type=float, help="initial HMC step size (0.05)")
-    a.add_argument("--ais-schedule", help="sigmoid (default) or linear temperatures")
+    a.add_argument(
+        "--ais-schedule", choices=("sigmoid", "linear"), help="temperatures (default sigmoid)"
+    )
     a.add_argument(
         "--ais-adapt-chains",
         type=_positive_int,
@@ -389,6 +446,32 @@ def _json_default(o):
     raise TypeError(type(o).__name__)
 
 
+def _evaluate_start_line(args, config, epoch: int, run_dir: Path, num_images: int) -> str:
+    """What ``vaeml evaluate`` is about to compute, before it starts."""
+    if args.method == "is":
+        what = f"importance sampling with K = {args.num_samples} samples per image"
+    else:
+        what = "annealed importance sampling"
+    line = (
+        f"vaeml evaluate: {what} on {num_images} test images of {config.dataset}, checkpoint of "
+        f"epoch {epoch} in {run_dir}"
+    )
+    if args.method == "is" and num_images * args.num_samples > 2_000_000:
+        line += (
+            " (minutes on a CPU; --max-test-examples 1000 --num-samples 1000 gives a quick "
+            "estimate)"
+        )
+    return line
+
+
+def _evaluate_bar(total: int, disable: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(
+        total=total, desc="evaluate", unit="image", disable=disable, leave=False, file=sys.stderr
+    )
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from vaeml_jax import distributed
 
@@ -398,7 +481,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     from vaeml_jax.evaluation import SCHEDULES, evaluate
     from vaeml_jax.training import load_data, load_run
-    from vaeml_jax.training.rundir import write_atomic
+    from vaeml_jax.training.rundir import environment, write_atomic
 
     if args.method not in ("is", "ais"):
         raise CLIError(f"unknown --method {args.method!r}; choose is or ais.")
@@ -429,6 +512,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.max_test_examples:
         x = x[: args.max_test_examples]
     vae.check_data(x)
+    primary = jax.process_index() == 0  # one process reports for a multi-process evaluation
+    if primary:
+        print(_evaluate_start_line(args, config, epoch, run_dir, x.shape[0]), file=sys.stderr)
+    bar = _evaluate_bar(x.shape[0], disable=args.no_progress or not primary)
     t0 = time.perf_counter()
     res = evaluate(
         vae.model,
@@ -441,8 +528,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         batch_size=min(args.batch_size, x.shape[0]),
         elbo_samples=args.elbo_samples,
         mesh=mesh,
+        progress=bar.update,  # ticks on the host as each batch of images finishes
         **ais_kwargs,
     )
+    bar.close()
     seconds = time.perf_counter() - t0
     out = {
         "dataset": config.dataset,
@@ -461,6 +550,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         "seed": args.seed,
         "num_processes": jax.process_count(),
         "units": "nats per example (higher is better)",
+        "environment": environment(),
     }
     if "ais" in res:
         out["ais"] = res["ais"]
@@ -550,6 +640,31 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
+def use_compilation_cache() -> None:
+    """Keep XLA's compiled programs on disk, so a second run (or ``vaeml evaluate`` of a run of
+    the same shapes) does not compile again: on CPU the unbiased training step takes about a
+    minute to compile.
+
+    The folder is ``$VAEML_COMPILATION_CACHE`` if set (``off`` or ``0`` turns the cache off),
+    else ``$XDG_CACHE_HOME/vaeml-jax/xla`` (``~/.cache/vaeml-jax/xla``). A cache folder already
+    chosen for JAX (``JAX_COMPILATION_CACHE_DIR``, or by the calling program) is left alone.
+    """
+    setting = os.environ.get("VAEML_COMPILATION_CACHE")
+    if setting is not None and setting.strip().lower() in ("", "0", "off", "false", "none"):
+        return
+    import jax
+
+    if jax.config.jax_compilation_cache_dir:
+        return
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    path = Path(setting) if setting else Path(base) / "vaeml-jax" / "xla"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError:  # a read-only home: run without the cache
+        return
+    jax.config.update("jax_compilation_cache_dir", str(path))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``vaeml`` console script; returns the exit status."""
     parser = build_parser()
@@ -559,6 +674,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(e.code or 0)
     debug = os.environ.get("VAEML_DEBUG", "") not in ("", "0")
     try:
+        use_compilation_cache()
         return COMMANDS[args.command](args)
     except KeyboardInterrupt:
         print(

@@ -191,10 +191,13 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict, base: TrainConfig | None = None) -> TrainConfig:
-        """``base`` (default: the defaults) updated with ``d``; keys may use ``-`` or ``_``."""
+        """``base`` (default: the defaults) updated with ``d``; keys may use ``-`` or ``_``.
+
+        An ``"environment"`` entry (the versions ``config.json`` records) is not an option and is
+        ignored, so a run's ``config.json`` can serve as ``--config``."""
         if not isinstance(d, dict):
             raise ConfigError(f"a config must be a JSON object, got {type(d).__name__}.")
-        clean = {str(k).replace("-", "_"): v for k, v in d.items()}
+        clean = {str(k).replace("-", "_"): v for k, v in d.items() if k != "environment"}
         unknown = sorted(set(clean) - set(cls.fields()))
         if unknown:
             raise ConfigError(

@@ -37,6 +37,7 @@ __all__ = [
     "read_config",
     "read_metrics",
     "write_config",
+    "environment",
     "append_metrics",
     "truncate_metrics",
     "save_meeting_times",
@@ -147,9 +148,35 @@ def prepare_run_dir(config: TrainConfig, run_dir: Path, resume: bool) -> bool:
     return True
 
 
+def environment() -> dict:
+    """The software and hardware a run or an evaluation ran on: the versions of vaeml-jax, jax,
+    jaxlib, flax and optax, JAX's backend, the kind and number of devices, and Python's version
+    (stored as ``"environment"`` in ``config.json`` and ``eval.json``)."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    def v(name: str) -> str | None:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return None
+
+    devices = jax.devices()
+    return {
+        "vaeml_jax": v("vaeml-jax"),
+        **{name: v(name) for name in ("jax", "jaxlib", "flax", "optax")},
+        "backend": jax.default_backend(),
+        "device_kind": devices[0].device_kind,
+        "num_devices": len(devices),
+        "python": platform.python_version(),
+    }
+
+
 def write_config(run_dir: Path, config: TrainConfig) -> None:
-    """Write the resolved ``config`` as ``run_dir/config.json`` (atomically)."""
-    write_atomic(run_dir / CONFIG_FILE, json.dumps(config.to_dict(), indent=2) + "\n")
+    """Write the resolved ``config`` as ``run_dir/config.json`` (atomically), with the
+    :func:`environment` it runs on under ``"environment"`` (not an option: ignored when read)."""
+    record = {**config.to_dict(), "environment": environment()}
+    write_atomic(run_dir / CONFIG_FILE, json.dumps(record, indent=2) + "\n")
 
 
 def truncate_metrics(run_dir: Path, last_epoch: int) -> list[dict]:
