@@ -23,6 +23,8 @@ PACKAGED_DATA = Path(vaeml_jax.__file__).resolve().parent / "_data"  # holds mni
 # several tests build identical programs: share compiled executables across tests and xdist workers.
 jax.config.update("jax_compilation_cache_dir", str(REPO / ".jax_cache"))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+# The `vaeml` commands tests start as subprocesses use the same cache, not the user's own.
+os.environ.setdefault("VAEML_COMPILATION_CACHE", str(REPO / ".jax_cache"))
 
 NO_DATA_REASON = (
     "needs the datasets folder (mnist/, fashion-mnist/, binarized-mnist/, omniglot/ as described "
