@@ -245,7 +245,7 @@ def make_mlmc_grad(
     r"""The MLMC-debiased IWAE gradient (Shi & Cornish, AISTATS 2021) behind the common interface.
 
     theta (the parameters ``log_joint`` reads): the gradient of the LOSS
-    -(1/B) \sum_i \log p_\theta(x_i), estimated without bias by the single-term or the
+    :math:`-(1/B) \sum_i \log p_\theta(x_i)`, estimated without bias by the single-term or the
     Russian-roulette combination of antithetic level differences of the self-normalised IWAE
     gradient (module docstring), up to the cap ``max_level``.
 
@@ -256,9 +256,9 @@ def make_mlmc_grad(
       (:func:`vaeml_jax.estimators._common.encoder_loss`). These take one more pass over the
       n_0 draws (B n_0 evaluations, counted).
     * ``"inclusive_kl"``: the reweighted-wake-sleep update made unbiased, an estimate of
-      \nabla_\phi KL(p(z|x) \| q_\phi(z|x)) = -E_{p(z|x)}[\nabla_\phi \log q_\phi(z|x)] by the
-      same levels, draws and coefficients applied to \nabla_\phi \log q(z_s|x) at fixed z_s (no
-      extra evaluation of ``log_joint``).
+      :math:`\nabla_\phi KL(p(z|x) \| q_\phi(z|x)) = -E_{p(z|x)}[\nabla_\phi \log q_\phi(z|x)]` by
+      the same levels, draws and coefficients applied to :math:`\nabla_\phi \log q(z_s|x)` at fixed
+      z_s (no extra evaluation of ``log_joint``).
     * None: zeros.
 
     A parameter read by both functions gets the sum of its two parts.
