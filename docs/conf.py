@@ -42,8 +42,8 @@ source_suffix = {".md": "myst-nb", ".ipynb": "myst-nb", ".rst": "restructuredtex
 nb_execution_mode = "off"
 exclude_patterns = ["_build", "README.md", "**/.ipynb_checkpoints"]
 root_doc = "index"
-# Quotes and ellipses only: "--flag" must not become an en dash in the command-line tables.
-smartquotes_action = "qe"
+# Quotes only: "--flag" must not become an en dash, nor "..." an ellipsis, in the CLI tables.
+smartquotes_action = "q"
 
 # MyST: $...$ math, ::: fences, heading anchors for [text](page.md#heading) links.
 myst_enable_extensions = ["dollarmath", "colon_fence", "deflist"]
