@@ -75,7 +75,7 @@ def epoch_record(
         "steps": steps,
         "examples": examples,
         "wall_time": seconds,
-        "examples_per_second": examples / seconds if seconds > 0 else float("nan"),
+        "examples_per_second": examples / seconds if seconds > 0 else None,
         "lr": lr,
         "num_devices": num_devices,
         "phase": phase,
@@ -211,7 +211,9 @@ def format_record(r: dict[str, Any], epochs: int) -> str:
             f"tau mean {r['meeting_time_mean']:.2f} max {r['meeting_time_max']}  "
             f"capped {r['capped_fraction']:.2%}  "
         )
-    s += f"{r['examples_per_second']:.0f} ex/s  {r['wall_time']:.1f}s"
+    if r.get("examples_per_second") is not None:
+        s += f"{r['examples_per_second']:.0f} ex/s  "
+    s += f"{r['wall_time']:.1f}s"
     if r.get("ess_mean") is not None:
         s += f"  ess {r['ess_mean']:.2f}"
     if r.get("tail_index") is not None:
