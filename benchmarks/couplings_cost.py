@@ -3,8 +3,9 @@ r"""Cost of the VAE gradient through the general couplings driver vs the fused e
 Both estimate the same thing for a batch: the unbiased H_{k:m} gradient of log p(x) from coupled
 CIS chains with lag 1 (theta part; ``encoder_objective=None`` for the fused one):
 
-* ``fused``: ``vaeml_jax.make_unbiased_grad(model, S, k, m, encoder_objective=None)``, one
-  batched ``while_loop`` that accumulates a single vjp over the S+1 distinct atoms per iteration;
+* ``fused``: ``vaeml_jax.make_unbiased_grad(model, num_particles=S, k=k, m=m,
+  encoder_objective=None, loop=LoopOptions(num_slots=None))``, one batched ``while_loop`` (the
+  plain loop) that accumulates a single vjp over the S+1 distinct atoms per iteration;
 * ``general``: ``vaeml_jax.couplings.build_vae_gradient(model, S, k, m)`` for ONE example,
   vmapped over the batch (one key per example): the generic driver with the coupled CIS kernel
   and h = IWAE theta-gradient, which evaluates h (S log_joint + one backward pass) on BOTH chains
@@ -67,7 +68,10 @@ def main(argv=None):
     x = jax.random.bernoulli(k_data, 0.3, (args.batch, 784)).astype(jnp.float32)
     S = args.num_particles
 
-    fused = vj.make_unbiased_grad(model, S, k=args.k, m=args.m, encoder_objective=None)
+    plain = vj.LoopOptions(num_slots=None)
+    fused = vj.make_unbiased_grad(
+        model, num_particles=S, k=args.k, m=args.m, encoder_objective=None, loop=plain
+    )
     general_one = cp.build_vae_gradient(model, S, k=args.k, m=args.m)
 
     fused_fn = jax.jit(lambda key: fused(params, x, key))

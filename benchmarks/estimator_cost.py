@@ -8,8 +8,9 @@ of particles S the script times, side by side in one process, interleaved round 
 * ``floor``: a plain hand-written batched IWAE-S loss (encoder once per example, S reparameterised
   samples, decoder once on (B*S, 50), logsumexp, ONE ``jax.grad``), the cheapest way to get an
   IWAE-S gradient and the unit every other cost is expressed in;
-* ``elbo``: ``make_elbo_grad(model, num_samples=S)``, the standard VAE gradient with S samples;
-* ``iwae``: ``make_iwae_grad(model, S)`` (library; fused: one surrogate, one backward pass);
+* ``elbo``: ``make_elbo_grad(model, num_particles=S)``, the standard VAE gradient with S samples;
+* ``iwae``: ``make_iwae_grad(model, num_particles=S)`` (library; fused: one surrogate, one
+  backward pass);
 * ``cis step``: the per-transition cost of one single-chain CIS step with its h contribution (S
   log-joint evaluations and one vjp over them, for the whole batch), measured by differencing:
   [t(make_mcmc_grad, T2 steps) - t(T1 steps)] / (T2 - T1), paired within each round. The difference
@@ -20,8 +21,12 @@ of particles S the script times, side by side in one process, interleaved round 
   loop length is forced to max(M, tau_max) - 1, which we choose > tau_max so that the difference
   is exactly (M2 - M1) loop bodies. This is the fair analogue of ``cis step``: one body of each
   loop, everything else cancelled;
-* ``unbiased``: ``make_unbiased_grad(model, S)`` (k = m = 0, the default) at fresh keys and batches,
-  with its per-call batch mean and batch max ``num_iters``, on the trained model and at init.
+* ``unbiased``: ``make_unbiased_grad(model, num_particles=S, loop=LoopOptions(num_slots=None))``
+  (k = m = 0, the plain loop) at fresh keys and batches, with its per-call batch mean and batch max
+  ``num_iters``, on the trained model and at init; ``--num-slots P`` adds the work queue of P
+  slots, and (unless ``--no-default-loop``) ``make_unbiased_grad(model, num_particles=S)`` with
+  the library's DEFAULT loop options (``"auto"``: the queue of B/4 slots on CPU, the plain loop
+  on accelerators) is timed too, as ``unbiased_slotsdefault``.
 
 Targets (issue 2), checked with per-round paired ratios (median over rounds):
 
@@ -64,7 +69,10 @@ import optax  # noqa: E402
 from _timing import summarize, time_interleaved  # noqa: E402
 
 import vaeml_jax as vj  # noqa: E402
+from vaeml_jax.estimators import LoopOptions, auto_num_slots  # noqa: E402
 from vaeml_jax.models.interface import LatentVariableModel  # noqa: E402
+
+PLAIN = LoopOptions(num_slots=None)  # the plain loop: all lanes until the slowest has met
 
 LATENT = 50
 HIDDEN = 200
@@ -219,7 +227,7 @@ def train(model, params, images, steps: int, batch: int, key, num_particles: int
     """``steps`` Adam steps on the library's IWAE-S gradient (fused, theta and phi together)."""
     if steps == 0:
         return params, float("nan")
-    grad_fn = vj.make_iwae_grad(model, num_particles)
+    grad_fn = vj.make_iwae_grad(model, num_particles=num_particles)
     opt = optax.adam(lr)
     data = jnp.asarray(images, jnp.float32) / 255.0
 
@@ -263,7 +271,7 @@ def _forced_coupled_pair(model, params, batches, S: int, diff: int):
     k = m = M1, M2 with M1 = n0 + 2 (the window forces every lane to run until t = m).
     Returns (est1, est2, x, key, n1, n2, how).
     """
-    base = _jit_est(vj.make_unbiased_grad(model, S))
+    base = _jit_est(vj.make_unbiased_grad(model, num_particles=S, loop=PLAIN))
     M1, M2 = 2, 2 + diff
     batch = batches[0].shape[0]
     n0 = 0
@@ -273,14 +281,18 @@ def _forced_coupled_pair(model, params, batches, S: int, diff: int):
         n0 = _loop_iters(base(params, x, key)[1], batch, S)
         if n0 > M2:
             how = f"max_iters = {M1} vs {M2} (uncapped loop: {n0} iterations)"
-            e1 = _jit_est(vj.make_unbiased_grad(model, S, max_iters=M1))
-            e2 = _jit_est(vj.make_unbiased_grad(model, S, max_iters=M2))
+            e1 = _jit_est(vj.make_unbiased_grad(model, num_particles=S, max_iters=M1, loop=PLAIN))
+            e2 = _jit_est(vj.make_unbiased_grad(model, num_particles=S, max_iters=M2, loop=PLAIN))
             break
     else:
         M1, M2 = n0 + 2, n0 + 2 + diff
         how = f"k = m = {M1} vs {M2} (uncapped loop: {n0} iterations)"
-        e1 = _jit_est(vj.make_unbiased_grad(model, S, k=M1, m=M1, max_iters=M2 + 1))
-        e2 = _jit_est(vj.make_unbiased_grad(model, S, k=M2, m=M2, max_iters=M2 + 1))
+        e1 = _jit_est(
+            vj.make_unbiased_grad(model, num_particles=S, k=M1, m=M1, max_iters=M2 + 1, loop=PLAIN)
+        )
+        e2 = _jit_est(
+            vj.make_unbiased_grad(model, num_particles=S, k=M2, m=M2, max_iters=M2 + 1, loop=PLAIN)
+        )
     n1 = _loop_iters(e1(params, x, key)[1], batch, S)
     n2 = _loop_iters(e2(params, x, key)[1], batch, S)
     if n2 <= n1:
@@ -295,29 +307,28 @@ def bench_one_s(args, model, params, params_init, floor_params, batches, S: int)
     keys = list(jax.random.split(jax.random.key(1000 + S), R + args.warmup))
     nb = len(batches)
     floor = jax.jit(jax.grad(floor_iwae_loss), static_argnums=3)
-    elbo = _jit_est(vj.make_elbo_grad(model, num_samples=S))
-    iwae = _jit_est(vj.make_iwae_grad(model, S))
-    unbiased = _jit_est(vj.make_unbiased_grad(model, S, max_iters=args.max_iters))
-    slots = {
-        str(P): _jit_est(vj.make_unbiased_grad(model, S, max_iters=args.max_iters, num_slots=P))
-        for P in args.num_slots
-    }
-    for P in args.flat_slots:  # the work queue without the cascade, for comparison
-        slots[f"{P}flat"] = _jit_est(
-            vj.make_unbiased_grad(
-                model, S, max_iters=args.max_iters, num_slots=P, slot_cascade=False
-            )
+    elbo = _jit_est(vj.make_elbo_grad(model, num_particles=S))
+    iwae = _jit_est(vj.make_iwae_grad(model, num_particles=S))
+
+    def unbiased_with(loop):
+        return _jit_est(
+            vj.make_unbiased_grad(model, num_particles=S, max_iters=args.max_iters, loop=loop)
         )
+
+    unbiased = unbiased_with(PLAIN)
+    slots = {str(P): unbiased_with(LoopOptions(num_slots=P)) for P in args.num_slots}
+    for P in args.flat_slots:  # the work queue without the cascade, for comparison
+        slots[f"{P}flat"] = unbiased_with(LoopOptions(num_slots=P, slot_cascade=False))
     for P in args.eager_slots:  # the cascade without deferred backward passes, for comparison
-        slots[f"{P}eager"] = _jit_est(
-            vj.make_unbiased_grad(
-                model, S, max_iters=args.max_iters, num_slots=P, deferred_backward=False
-            )
+        slots[f"{P}eager"] = unbiased_with(LoopOptions(num_slots=P, deferred_backward=False))
+    if args.default_loop:  # the library's default: no loop options given
+        slots["default"] = _jit_est(
+            vj.make_unbiased_grad(model, num_particles=S, max_iters=args.max_iters)
         )
 
     T1, T2 = 1, 1 + args.diff_steps
-    mcmc1 = _jit_est(vj.make_mcmc_grad(model, S, num_steps=T1))
-    mcmc2 = _jit_est(vj.make_mcmc_grad(model, S, num_steps=T2))
+    mcmc1 = _jit_est(vj.make_mcmc_grad(model, num_particles=S, num_steps=T1))
+    mcmc2 = _jit_est(vj.make_mcmc_grad(model, num_particles=S, num_steps=T2))
     c1, c2, x_fix, key_fix, n1, n2, how = _forced_coupled_pair(
         model, params, batches, S, args.diff_steps
     )
@@ -362,6 +373,8 @@ def bench_one_s(args, model, params, params_init, floor_params, batches, S: int)
             info = out[1]
             n = np.asarray(info["num_iters"])
             P = _slots_of(name)
+            if P == "default":  # what "auto" resolved to for this batch on this backend
+                P = str(auto_num_slots(n.size) or "")
             evals = int(info["num_log_joint_evals"])
             # work queue: evals = B S + (S+1) (slot-steps + deferred rows re-evaluated);
             # "loop iters" = those rows / P
@@ -442,7 +455,9 @@ def bench_one_s(args, model, params, params_init, floor_params, batches, S: int)
     target("coupled iter / cis step", summarize(coupled_iter / cis_step).median, TARGET_COUPLED)
     for name in call_names:
         nu = out["num_iters"][name]
-        label = CALL_LABELS[_call_kind(name)].format(P=_slots_label(_slots_of(name)))
+        label = CALL_LABELS[_call_kind(name)].format(
+            P=_slots_label(_slots_of(name), batches[0].shape[0])
+        )
         target(
             f"{label}: t / ((1+max iters) floor)",
             nu["ratio_to_max_bound"]["median"],
@@ -481,9 +496,14 @@ def _slot_count(tag: str) -> int:
     return int(tag.removesuffix("flat").removesuffix("eager"))
 
 
-def _slots_label(tag: str) -> str:
+def _slots_label(tag: str, batch: int | None = None) -> str:
     """The P of a label: '10' -> '10' (cascade), '10flat' -> '10 (no cascade)', '10eager' ->
-    '10 (no deferred backward)'."""
+    '10 (no deferred backward)', 'default' -> 'default (auto: 25)' for a batch of 100 on CPU."""
+    if tag == "default":
+        if batch is None:
+            return "default (auto)"
+        resolved = auto_num_slots(batch)
+        return f"default (auto: {'plain loop' if resolved is None else resolved})"
     if tag.endswith("flat"):
         return f"{_slot_count(tag)} (no cascade)"
     if tag.endswith("eager"):
@@ -641,6 +661,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         metavar="P",
         help="also time the P-slot cascade with a backward pass every iteration "
         "(deferred_backward=False)",
+    )
+    p.add_argument(
+        "--default-loop",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also time make_unbiased_grad with the library's default loop options (default on)",
     )
     p.add_argument(
         "--width-scan",

@@ -52,16 +52,17 @@ import numpy as np
 import optax
 
 from vaeml_jax import ground_truth as G
-from vaeml_jax.estimators import make_elbo_grad, make_iwae_grad, make_unbiased_grad
+from vaeml_jax.estimators import LoopOptions, make_elbo_grad, make_iwae_grad, make_unbiased_grad
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def _methods(model, iwae_s, unbiased, num_slots=None):
     out = [("exact", "-", "-", None), ("elbo", 1, "-", make_elbo_grad(model))]
-    out += [(f"iwae-{s}", s, "-", make_iwae_grad(model, s)) for s in iwae_s]
+    out += [(f"iwae-{s}", s, "-", make_iwae_grad(model, num_particles=s)) for s in iwae_s]
     for s, k, m in unbiased:
-        est = make_unbiased_grad(model, num_particles=s, k=k, m=m, num_slots=num_slots)
+        loop = LoopOptions(num_slots=num_slots)
+        est = make_unbiased_grad(model, num_particles=s, k=k, m=m, loop=loop)
         out.append((f"unbiased-{s} H{k}:{m}", s, f"{k}:{m}", est))
     return out
 

@@ -105,7 +105,10 @@ def run_row(
         vj.make_iwae_grad(model, num_particles=s)
         if kind == "iwae"
         else vj.make_unbiased_grad(
-            model, num_particles=s, max_iters=a.max_iters, num_slots=a.num_slots or None
+            model,
+            num_particles=s,
+            max_iters=a.max_iters,
+            loop=vj.LoopOptions(num_slots=a.num_slots or None),
         )
     )
     batch = 5 * a.batch_size if opt == "adam_b500" else a.batch_size

@@ -118,11 +118,11 @@ def meeting_times(vae, params, x_eval, key, args) -> dict:
     """Meeting times of the unbiased estimator (H_{0:0}) on x_eval: mean, p99, max, capped."""
     est = vj.make_unbiased_grad(
         vae.model,
-        args.tau_particles,
+        num_particles=args.tau_particles,
         num_chains=args.tau_chains,
         max_iters=args.max_iters,
         encoder_objective=None,
-        num_slots=max(1, x_eval.shape[0] * args.tau_chains // 4),
+        loop=vj.LoopOptions(num_slots=max(1, x_eval.shape[0] * args.tau_chains // 4)),
     )
     _, info = jax.jit(est)(params, x_eval, key)
     tau = np.asarray(info["meeting_time"]).ravel()
@@ -150,7 +150,10 @@ def run_config(encoder, objective, encoder_particles, args, train, x_eval, data_
 
     def make_step(obj):
         est = vj.make_iwae_grad(
-            vae.model, args.num_particles, obj, encoder_particles=encoder_particles
+            vae.model,
+            num_particles=args.num_particles,
+            encoder_objective=obj,
+            encoder_particles=encoder_particles,
         )
 
         @jax.jit
@@ -204,7 +207,7 @@ def dreg_variance(args, train, data_mean) -> list[dict]:
     for S in widths(args.dreg_variance):
         row = {"S": S}
         for obj in ("iwae", "iwae_dreg"):
-            est = vj.make_iwae_grad(vae.model, S, encoder_objective=obj)
+            est = vj.make_iwae_grad(vae.model, num_particles=S, encoder_objective=obj)
             fn = jax.jit(lambda k, est=est: est(params, x, k)[0]["encoder"])
             g = [jax.tree.leaves(fn(k)) for k in keys]
             flat = np.stack([np.concatenate([np.ravel(a) for a in gi]) for gi in g])

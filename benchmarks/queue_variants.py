@@ -10,12 +10,13 @@ t / ((1 + batch-mean iters) floor) of each variant is printed too (floor timed i
 A variant is a comma-separated spec, e.g. ``slots=25,defer=4,hook=1,features=1`` (the library
 default on CPU):
 
-* ``slots``: ``num_slots`` (the cascade P, P/2, ..., 1); 0 = the plain loop (``num_slots=None``);
-* ``unroll``: coupled iterations per ``while_loop`` step of the plain loop (``unroll``; with
-  ``slots=0`` only);
+* ``slots``: ``LoopOptions.num_slots`` (the cascade P, P/2, ..., 1); 0 = the plain loop
+  (``num_slots=None``);
+* ``unroll``: coupled iterations per ``while_loop`` step of the plain loop
+  (``LoopOptions.unroll``; with ``slots=0`` only);
 * ``defer``: stages of at most this many slots run forward passes only and batch their backward
   passes (``vaeml_jax.estimators._scheduled.DEFER_AT_MOST``; 0 = none, i.e.
-  ``deferred_backward=False``);
+  ``LoopOptions(deferred_backward=False)``);
 * ``hook``: 1 = the library VAE's one-pass ``sample_with_log_proposal``, 0 = the model without it;
 * ``features``: 1 = the VAE's ``proposal_features`` / ``sample_from_features`` pair (the queue
   draws from the encoder output computed once per example), 0 = the model without the pair (the
@@ -47,7 +48,7 @@ import estimator_cost as ec  # noqa: E402
 from _timing import summarize  # noqa: E402
 
 import vaeml_jax as vj  # noqa: E402
-from vaeml_jax.estimators import _scheduled  # noqa: E402
+from vaeml_jax.estimators import LoopOptions, _scheduled  # noqa: E402
 
 DEFAULTS = dict(slots=25, defer=_scheduled.DEFER_AT_MOST, hook=1, features=1, unroll=1)
 
@@ -73,14 +74,10 @@ def build(model, S: int, v: dict, max_iters: int, example: tuple):
     m = model if v["hook"] else model._replace(sample_with_log_proposal=None)
     if not v["features"]:
         m = m._replace(proposal_features=None, sample_from_features=None)
-    est = vj.make_unbiased_grad(
-        m,
-        S,
-        num_slots=v["slots"] or None,
-        deferred_backward=v["defer"] > 0,
-        max_iters=max_iters,
-        unroll=v["unroll"],
+    loop = LoopOptions(
+        num_slots=v["slots"] or None, deferred_backward=v["defer"] > 0, unroll=v["unroll"]
     )
+    est = vj.make_unbiased_grad(m, num_particles=S, max_iters=max_iters, loop=loop)
     saved = _scheduled.DEFER_AT_MOST
     _scheduled.DEFER_AT_MOST = v["defer"]
     try:
@@ -124,7 +121,7 @@ def main(argv=None) -> None:
     if args.iwae_hook:
         no_hook = model._replace(sample_with_log_proposal=None)
         for name, m in (("iwae+hook", model), ("iwae", no_hook)):
-            est = vj.make_iwae_grad(m, S)
+            est = vj.make_iwae_grad(m, num_particles=S)
             fns[name] = jax.jit(lambda p, x, k, est=est: est(p, x, k))
     for f in fns.values():
         jax.block_until_ready(f(params, batches[0], keys[0]))

@@ -129,7 +129,9 @@ class BaselinesTest(chex.TestCase):
 
     @chex.variants(with_jit=True, without_jit=True)
     def test_iwae_fused_equals_reference(self):
-        grads, info = self._run(vj.make_iwae_grad(self.model, S, encoder_objective="iwae"))
+        grads, info = self._run(
+            vj.make_iwae_grad(self.model, num_particles=S, encoder_objective="iwae")
+        )
         _assert_tree_close(grads, self.ref_iwae)
         ref_bound = -jax.vmap(
             lambda xi, ki: ref_iwae_loss(self.model, self.params, xi[None], ki[None], S)
@@ -140,7 +142,9 @@ class BaselinesTest(chex.TestCase):
     @chex.variants(with_jit=True, without_jit=True)
     @parameterized.parameters("elbo", "inclusive_kl", None)
     def test_iwae_separated_paths_agree_on_theta(self, objective):
-        grads, _ = self._run(vj.make_iwae_grad(self.model, S, encoder_objective=objective))
+        grads, _ = self._run(
+            vj.make_iwae_grad(self.model, num_particles=S, encoder_objective=objective)
+        )
         _assert_tree_close(grads["decoder"], self.ref_iwae["decoder"])
         if objective is None:  # exact zeros on the proposal's parameters
             _assert_exact_zeros(grads["encoder"])
@@ -150,14 +154,18 @@ class BaselinesTest(chex.TestCase):
 
     @chex.variants(with_jit=True, without_jit=True)
     def test_elbo_fused_equals_reference(self):
-        grads, info = self._run(vj.make_elbo_grad(self.model, "elbo", num_samples=S))
+        grads, info = self._run(
+            vj.make_elbo_grad(self.model, encoder_objective="elbo", num_particles=S)
+        )
         _assert_tree_close(grads, self.ref_elbo)
         self.assertEqual(int(info["num_log_joint_evals"]), B * S)
 
     @chex.variants(with_jit=True, without_jit=True)
     @parameterized.parameters("iwae", None)
     def test_elbo_separated_paths_agree_on_theta(self, objective):
-        grads, _ = self._run(vj.make_elbo_grad(self.model, objective, num_samples=S))
+        grads, _ = self._run(
+            vj.make_elbo_grad(self.model, encoder_objective=objective, num_particles=S)
+        )
         _assert_tree_close(grads["decoder"], self.ref_elbo["decoder"])
         if objective is None:
             _assert_exact_zeros(grads["encoder"])
@@ -174,10 +182,12 @@ class BaselinesTest(chex.TestCase):
     def test_mcmc_without_steps_is_iwae(self, objective):
         """num_steps=0: the chain average is h(X_0) on X_0 ~ q^S, the IWAE draw of the first half
         of the lane key; the encoder objective is applied to the same X_0."""
-        mcmc = vj.make_mcmc_grad(self.model, S, num_steps=0, encoder_objective=objective)
+        mcmc = vj.make_mcmc_grad(
+            self.model, num_particles=S, num_steps=0, encoder_objective=objective
+        )
         grads, info = self._run(mcmc)
         key_x0 = jax.vmap(jax.vmap(lambda kk: jax.random.split(kk, 2)[0]))(self.keys)
-        iwae = vj.make_iwae_grad(self.model, S, encoder_objective=objective)
+        iwae = vj.make_iwae_grad(self.model, num_particles=S, encoder_objective=objective)
         expected, iwae_info = jax.jit(iwae.with_lane_keys)(self.params, self.x, key_x0)
         _assert_tree_close(grads, expected)
         if objective is None:
@@ -189,7 +199,7 @@ class BaselinesTest(chex.TestCase):
     @chex.variants(with_jit=True)
     def test_call_uses_one_key_per_example(self):
         """grad_fn(params, x, key) is with_lane_keys on independent per-example keys."""
-        est = vj.make_iwae_grad(self.model, S)
+        est = vj.make_iwae_grad(self.model, num_particles=S)
         key = jax.random.key(7)
         lanes = _common.lane_keys(key, B, 1)
         a, _ = self.variant(est)(self.params, self.x, key)

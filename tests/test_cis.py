@@ -110,7 +110,7 @@ def test_invariance_statistic_rejects_planted_kernels(plant, kind):
 # --------------------------------------------------------------------------- bookkeeping
 def test_step_carries_the_kept_particle_and_its_values():
     model, params = _setup()
-    state = cis.init(model, params, X, jax.random.key(3), S)
+    state = cis.init(jax.random.key(3), model, params, X, S)
     assert state.particles.shape == (S, 2) and state.log_joint.shape == (S,)
     step = jax.jit(cis.build_kernel(model, S))
     for t in range(5):
@@ -130,7 +130,7 @@ def test_step_carries_the_kept_particle_and_its_values():
 def test_refresh_keeps_the_given_particle_first():
     model, params = _setup()
     kept = jnp.array([0.5, -0.25])
-    out = cis.refresh(model, params, X, jax.random.key(0), kept, S)
+    out = cis.refresh(jax.random.key(0), model, params, X, kept, S)
     assert out.shape == (S, 2)
     np.testing.assert_array_equal(out[0], kept)
 
@@ -180,7 +180,7 @@ def test_all_zero_weights_keep_slot_zero():
         return jnp.zeros(())
 
     model = LatentVariableModel(log_joint, sample_proposal, log_proposal)
-    state = cis.init(model, None, None, jax.random.key(0), 3)
+    state = cis.init(jax.random.key(0), model, None, None, 3)
     new, info = cis.build_kernel(model, 3)(jax.random.key(1), state, None, None)
     assert int(info.index) == 0
     np.testing.assert_array_equal(new.particles[0], state.particles[0])

@@ -93,9 +93,9 @@ def _lg_setup(B=6):
     "make",
     [
         lambda m: vj.make_unbiased_grad(m, num_particles=4, num_chains=2),
-        lambda m: vj.make_unbiased_grad(m, num_particles=4, num_slots=3),
+        lambda m: vj.make_unbiased_grad(m, num_particles=4, loop=vj.LoopOptions(num_slots=3)),
         lambda m: vj.make_iwae_grad(m, num_particles=4),
-        lambda m: vj.make_elbo_grad(m, num_samples=3),
+        lambda m: vj.make_elbo_grad(m, num_particles=3),
         lambda m: vj.make_mcmc_grad(m, num_particles=4, num_steps=2),
     ],
 )
@@ -111,8 +111,9 @@ def test_estimators_report_importance_diagnostics(make):
 def test_plain_and_work_queue_loops_report_the_same_diagnostics():
     model, params, x = _lg_setup(B=8)
     key = jax.random.key(3)
-    _, a = vj.make_unbiased_grad(model, num_particles=4)(params, x, key)
-    _, b = vj.make_unbiased_grad(model, num_particles=4, num_slots=3)(params, x, key)
+    plain, queue = vj.LoopOptions(num_slots=None), vj.LoopOptions(num_slots=3)
+    _, a = vj.make_unbiased_grad(model, num_particles=4, loop=plain)(params, x, key)
+    _, b = vj.make_unbiased_grad(model, num_particles=4, loop=queue)(params, x, key)
     for name in ("ess", "log1p_chi2", "log_weight_std"):
         np.testing.assert_allclose(a[name], b[name], rtol=1e-5)
 

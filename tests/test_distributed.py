@@ -42,7 +42,7 @@ SCRIPT = textwrap.dedent(
             }
         out[name] = {"single": int(i1["num_log_joint_evals"]), "rows": rows}
     try:
-        f = D.data_parallel(vj.make_iwae_grad(model, 2), D.make_mesh(4))
+        f = D.data_parallel(vj.make_iwae_grad(model, num_particles=2), D.make_mesh(4))
         f(params, x[:10], jax.random.key(0))
         out["indivisible"] = None
     except ValueError as e:

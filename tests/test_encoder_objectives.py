@@ -80,8 +80,15 @@ def _total_variance(tree):
 @functools.cache
 def _dreg_samples():
     model, params, x = toy(quality=QUALITY)
-    iwae = _encoder_replicates(vj.make_iwae_grad(model, S_DREG, "iwae"), params, x, R_DREG)
-    dreg = _encoder_replicates(vj.make_iwae_grad(model, S_DREG, "iwae_dreg"), params, x, R_DREG)
+    iwae = _encoder_replicates(
+        vj.make_iwae_grad(model, num_particles=S_DREG, encoder_objective="iwae"), params, x, R_DREG
+    )
+    dreg = _encoder_replicates(
+        vj.make_iwae_grad(model, num_particles=S_DREG, encoder_objective="iwae_dreg"),
+        params,
+        x,
+        R_DREG,
+    )
     return iwae, dreg
 
 
@@ -89,7 +96,9 @@ def test_dreg_estimator_equals_hand_surrogate():
     model, params, x = toy(quality=QUALITY)
     xb = jnp.stack([x, 0.5 * x, -x])
     key = jax.random.key(3)
-    got, _ = vj.make_iwae_grad(model, S_DREG, "iwae_dreg")(params, xb, key)
+    got, _ = vj.make_iwae_grad(model, num_particles=S_DREG, encoder_objective="iwae_dreg")(
+        params, xb, key
+    )
     want, _ = _dreg_hand(model, S_DREG, 2)(params, xb, key)
     chex.assert_trees_all_close(got["encoder"], want["encoder"], rtol=2e-5, atol=1e-6)
 
@@ -120,7 +129,11 @@ def test_dreg_variance_gain_grows_with_s():
     ratios = []
     for S in (2, 50):
         v = [
-            _total_variance(_encoder_replicates(vj.make_iwae_grad(model, S, o), params, x, 2000))
+            _total_variance(
+                _encoder_replicates(
+                    vj.make_iwae_grad(model, num_particles=S, encoder_objective=o), params, x, 2000
+                )
+            )
             for o in ("iwae", "iwae_dreg")
         ]
         ratios.append(v[0] / v[1])
@@ -137,12 +150,16 @@ def test_chi2_matches_closed_form_gradient_and_rejects_plant():
     mc = jax.scipy.special.logsumexp(2 * lw) - math.log(lw.size)
     np.testing.assert_allclose(mc, T.linear_gaussian_log_second_moment(params, x), atol=0.02)
 
-    chi2 = _encoder_replicates(vj.make_iwae_grad(model, S_CHI2, "chi2"), params, x, R_CHI2)
+    chi2 = _encoder_replicates(
+        vj.make_iwae_grad(model, num_particles=S_CHI2, encoder_objective="chi2"), params, x, R_CHI2
+    )
     z = z_scores(chi2, exact)
     threshold = pass_threshold(z.size)
     assert np.abs(z).max() < threshold, (np.abs(z).max(), threshold)
     # plant: softmax(log w) instead of softmax(2 log w) = -2 x the IWAE-loss gradient, same draws
-    iwae = _encoder_replicates(vj.make_iwae_grad(model, S_CHI2, "iwae"), params, x, R_CHI2)
+    iwae = _encoder_replicates(
+        vj.make_iwae_grad(model, num_particles=S_CHI2, encoder_objective="iwae"), params, x, R_CHI2
+    )
     plant = jax.tree.map(lambda a: -2.0 * a, iwae)
     zp = z_scores(plant, exact)
     assert np.abs(zp).max() > REJECT_FACTOR * threshold, np.abs(zp).max()
@@ -152,7 +169,7 @@ def test_chi2_sgd_lowers_chi2_with_many_draws():
     """Adam on "chi2" with S=100 draws lowers log(1 + chi^2(p(z|x) || q)) = log E_q[w^2] - 2 log p
     (0.41 -> ~0.03 measured; with S=5 it diverges instead, see encoder_loss)."""
     model, params, x = toy(quality=QUALITY)
-    est = vj.make_iwae_grad(model, 100, "chi2")
+    est = vj.make_iwae_grad(model, num_particles=100, encoder_objective="chi2")
     opt = optax.adam(1e-2)
 
     def excess(p):
@@ -196,21 +213,29 @@ def test_iwae_encoder_particles_draws_its_own(objective):
     model, params, xb = _toy_batch()
     S, K, B = 3, 8, xb.shape[0]
     keys = _common.lane_keys(jax.random.key(1), B, 1)
-    est = vj.make_iwae_grad(model, S, objective, encoder_particles=K)
+    est = vj.make_iwae_grad(
+        model, num_particles=S, encoder_objective=objective, encoder_particles=K
+    )
     grads, info = jax.jit(est.with_lane_keys)(params, xb, keys)
     ref_enc = jax.grad(
         lambda p: _common.encoder_loss(model, p, xb, _common.encoder_keys(keys), K, objective)[0]
     )(params)["encoder"]
     chex.assert_trees_all_close(grads["encoder"], ref_enc, rtol=2e-5, atol=1e-6)
-    base, base_info = jax.jit(vj.make_iwae_grad(model, S, None).with_lane_keys)(params, xb, keys)
+    base, base_info = jax.jit(
+        vj.make_iwae_grad(model, num_particles=S, encoder_objective=None).with_lane_keys
+    )(params, xb, keys)
     chex.assert_trees_all_close(grads["decoder"], base["decoder"], rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(info["bound"], base_info["bound"], rtol=1e-6)
     assert int(info["num_log_joint_evals"]) == B * (S + K)
     # K == S explicitly is the default (the estimator's own draws, no extra evaluations)
     same, same_info = jax.jit(
-        vj.make_iwae_grad(model, S, objective, encoder_particles=S).with_lane_keys
+        vj.make_iwae_grad(
+            model, num_particles=S, encoder_objective=objective, encoder_particles=S
+        ).with_lane_keys
     )(params, xb, keys)
-    dflt, _ = jax.jit(vj.make_iwae_grad(model, S, objective).with_lane_keys)(params, xb, keys)
+    dflt, _ = jax.jit(
+        vj.make_iwae_grad(model, num_particles=S, encoder_objective=objective).with_lane_keys
+    )(params, xb, keys)
     chex.assert_trees_all_close(same, dflt, rtol=1e-6, atol=1e-7)
     assert int(same_info["num_log_joint_evals"]) == B * S
 
@@ -222,13 +247,12 @@ def test_unbiased_encoder_particles(num_slots):
     model, params, xb = _toy_batch()
     S, K, C, B = 3, 6, 2, xb.shape[0]
     keys = _common.lane_keys(jax.random.key(2), B, C)
-    mk = functools.partial(vj.make_unbiased_grad, model, S, k=0, m=2, num_chains=C)
+    mk = functools.partial(vj.make_unbiased_grad, model, num_particles=S, k=0, m=2, num_chains=C)
+    loop = vj.LoopOptions(num_slots=num_slots)
     g, info = jax.jit(
-        mk(encoder_objective="iwae_dreg", encoder_particles=K, num_slots=num_slots).with_lane_keys
+        mk(encoder_objective="iwae_dreg", encoder_particles=K, loop=loop).with_lane_keys
     )(params, xb, keys)
-    g0, info0 = jax.jit(mk(encoder_objective=None, num_slots=num_slots).with_lane_keys)(
-        params, xb, keys
-    )
+    g0, info0 = jax.jit(mk(encoder_objective=None, loop=loop).with_lane_keys)(params, xb, keys)
     chex.assert_trees_all_close(g["decoder"], g0["decoder"], rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(info["meeting_time"], info0["meeting_time"])
     key_x0 = jax.vmap(jax.vmap(lambda kk: jax.random.split(kk, 4)[0]))(keys)
@@ -247,9 +271,11 @@ def test_mcmc_and_unbiased_accept_new_objectives(objective):
     model, params, xb = _toy_batch()
     key = jax.random.key(4)
     for est in (
-        vj.make_mcmc_grad(model, 3, num_steps=2, encoder_objective=objective, encoder_particles=5),
-        vj.make_unbiased_grad(model, 3, encoder_objective=objective),
-        vj.make_elbo_grad(model, objective, num_samples=4),
+        vj.make_mcmc_grad(
+            model, num_particles=3, num_steps=2, encoder_objective=objective, encoder_particles=5
+        ),
+        vj.make_unbiased_grad(model, num_particles=3, encoder_objective=objective),
+        vj.make_elbo_grad(model, encoder_objective=objective, num_particles=4),
     ):
         grads, _ = jax.jit(est)(params, xb, key)
         for leaf in jax.tree.leaves(grads["encoder"]):
@@ -259,10 +285,12 @@ def test_mcmc_and_unbiased_accept_new_objectives(objective):
 def test_bad_encoder_particles():
     model, _, _ = toy()
     with pytest.raises(ValueError, match="encoder_particles"):
-        vj.make_unbiased_grad(model, 3, encoder_objective="inclusive_kl", encoder_particles=5)
+        vj.make_unbiased_grad(
+            model, num_particles=3, encoder_objective="inclusive_kl", encoder_particles=5
+        )
     with pytest.raises(ValueError, match="encoder_particles"):
-        vj.make_iwae_grad(model, 3, encoder_objective=None, encoder_particles=5)
+        vj.make_iwae_grad(model, num_particles=3, encoder_objective=None, encoder_particles=5)
     with pytest.raises(ValueError, match="encoder_particles must be >= 1"):
-        vj.make_iwae_grad(model, 3, encoder_particles=0)
+        vj.make_iwae_grad(model, num_particles=3, encoder_particles=0)
     with pytest.raises(ValueError, match="iwae_dreg"):
-        vj.make_iwae_grad(model, 3, encoder_objective="dreg")
+        vj.make_iwae_grad(model, num_particles=3, encoder_objective="dreg")

@@ -210,8 +210,10 @@ def test_estimators_run_with_each_encoder(encoder, objective):
     x = _x()
     key = jax.random.key(3)
     for est in (
-        vj.make_iwae_grad(vae.model, 4, encoder_objective=objective),
-        vj.make_unbiased_grad(vae.model, 4, encoder_objective=objective, max_iters=50),
+        vj.make_iwae_grad(vae.model, num_particles=4, encoder_objective=objective),
+        vj.make_unbiased_grad(
+            vae.model, num_particles=4, encoder_objective=objective, max_iters=50
+        ),
     ):
         grads, info = jax.jit(est)(p, x, key)
         assert jax.tree.structure(grads) == jax.tree.structure(p)

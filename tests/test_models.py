@@ -273,7 +273,10 @@ def test_estimators_give_the_same_gradients_with_and_without_the_one_pass_hook()
     x = _x(batch=6)
     plain = vae.model._replace(sample_with_log_proposal=None)
     # the fused bound (theta and phi in one pass) and the unbiased estimator's encoder objective
-    for make in (lambda m: vj.make_iwae_grad(m, 4), lambda m: vj.make_unbiased_grad(m, 3)):
+    for make in (
+        lambda m: vj.make_iwae_grad(m, num_particles=4),
+        lambda m: vj.make_unbiased_grad(m, num_particles=3),
+    ):
         g1, i1 = make(vae.model)(params, x, jax.random.key(2))
         g2, i2 = make(plain)(params, x, jax.random.key(2))
         assert bool(jnp.all(i1["num_iters"] == i2["num_iters"]))
@@ -310,7 +313,7 @@ def test_decoder_bias_initialised_to_logit_of_mean():
 
 
 ESTIMATORS = {
-    "elbo": lambda m: vj.make_elbo_grad(m, num_samples=3),
+    "elbo": lambda m: vj.make_elbo_grad(m, num_particles=3),
     "iwae": lambda m: vj.make_iwae_grad(m, num_particles=3),
     "mcmc": lambda m: vj.make_mcmc_grad(m, num_particles=3),
     "unbiased": lambda m: vj.make_unbiased_grad(m, num_particles=3, k=1, m=2, max_iters=50),
@@ -478,7 +481,9 @@ def test_float64():
         assert all(a.dtype == jnp.float64 for a in jax.tree.leaves(params))
         x = _x().astype(jnp.float64)
         assert vae.sample_proposal(params, x[0], jax.random.key(2), 3).dtype == jnp.float64
-        grads, _ = jax.jit(vj.make_iwae_grad(vae.model, 3))(params, x, jax.random.key(1))
+        grads, _ = jax.jit(vj.make_iwae_grad(vae.model, num_particles=3))(
+            params, x, jax.random.key(1)
+        )
         assert all(g.dtype == jnp.float64 for g in jax.tree.leaves(grads))
         assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
     finally:

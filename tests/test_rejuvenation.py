@@ -80,7 +80,7 @@ def test_rejuvenation_shortens_meeting_times_on_a_poor_proposal():
 def test_rejuvenation_errors_name_the_problem():
     model = linear_gaussian_model()
     with pytest.raises(ValueError, match="plain loop only"):
-        vj.make_unbiased_grad(model, rejuvenation=Rejuvenation(), num_slots=4)
+        vj.make_unbiased_grad(model, rejuvenation=Rejuvenation(), loop=vj.LoopOptions(num_slots=4))
     with pytest.raises(ValueError, match="step_size must be > 0"):
         vj.make_unbiased_grad(model, rejuvenation=Rejuvenation(step_size=0.0))
     with pytest.raises(ValueError, match="does nothing"):

@@ -1,4 +1,4 @@
-"""The work-queue loop (num_slots=P) must reproduce the plain batched loop exactly.
+"""The work-queue loop (LoopOptions(num_slots=P)) must reproduce the plain batched loop exactly.
 
 Both consume the same random draws, so for a fixed key they must agree on every per-lane quantity
 (meeting times, iterations, capping) bit for bit and on the gradient up to float summation order.
@@ -12,6 +12,15 @@ import pytest
 
 import vaeml_jax as vj
 from vaeml_jax import testing as T
+from vaeml_jax.estimators import LoopOptions
+
+PLAIN = LoopOptions(num_slots=None)
+
+
+def queue(num_slots, **options):
+    """The loop options of a P-slot work queue (the cascade and deferred stages by default)."""
+    return LoopOptions(num_slots=num_slots, **options)
+
 
 CASES = [
     dict(k=0, m=0),
@@ -32,18 +41,19 @@ def setup():
 
 # num_slots alone runs the cascade P, P/2, ..., 1 (the default); slot_cascade=False keeps P slots.
 PAIRS = (
-    [(CASES[0], 1), (CASES[0], 1000), (CASES[0], 7), (CASES[0], 24)]
-    + [(case, 5) for case in CASES]
-    + [(dict(case, slot_cascade=False), 5) for case in CASES[:3]]
-    + [(dict(case, deferred_backward=False), 5) for case in CASES[:3]]
+    [(CASES[0], queue(1)), (CASES[0], queue(1000)), (CASES[0], queue(7)), (CASES[0], queue(24))]
+    + [(case, queue(5)) for case in CASES]
+    + [(case, queue(5, slot_cascade=False)) for case in CASES[:3]]
+    + [(case, queue(5, deferred_backward=False)) for case in CASES[:3]]
+    + [(case, LoopOptions()) for case in CASES[:2]]  # the default ("auto": the queue on CPU)
 )
 
 
-@pytest.mark.parametrize("kwargs,num_slots", PAIRS)
-def test_scheduled_equals_plain_loop(setup, kwargs, num_slots):
+@pytest.mark.parametrize("kwargs,loop", PAIRS)
+def test_scheduled_equals_plain_loop(setup, kwargs, loop):
     model, params, x = setup
-    plain = jax.jit(vj.make_unbiased_grad(model, num_particles=3, **kwargs))
-    sched = jax.jit(vj.make_unbiased_grad(model, num_particles=3, num_slots=num_slots, **kwargs))
+    plain = jax.jit(vj.make_unbiased_grad(model, num_particles=3, loop=PLAIN, **kwargs))
+    sched = jax.jit(vj.make_unbiased_grad(model, num_particles=3, loop=loop, **kwargs))
     g_ref, i_ref = plain(params, x, jax.random.key(5))
     g, info = sched(params, x, jax.random.key(5))
     for name in ("meeting_time", "num_iters", "capped"):
@@ -60,9 +70,11 @@ def test_unrolled_plain_loop_equals_plain_loop(setup, kwargs):
     """unroll=U runs U masked iterations per while_loop step: same per-lane results and the same
     estimate; its overshoot (< U iterations) is counted in num_log_joint_evals."""
     model, params, x = setup
-    ref = jax.jit(vj.make_unbiased_grad(model, num_particles=3, **kwargs))
+    ref = jax.jit(vj.make_unbiased_grad(model, num_particles=3, loop=PLAIN, **kwargs))
     U = 4
-    unrolled = jax.jit(vj.make_unbiased_grad(model, num_particles=3, unroll=U, **kwargs))
+    unrolled = jax.jit(
+        vj.make_unbiased_grad(model, num_particles=3, loop=LoopOptions(unroll=U), **kwargs)
+    )
     g_ref, i_ref = ref(params, x, jax.random.key(5))
     g, info = unrolled(params, x, jax.random.key(5))
     for name in ("meeting_time", "num_iters", "capped"):
@@ -105,8 +117,10 @@ def test_scheduled_equals_plain_loop_for_a_vae(variant):
     model = vae.model._replace(**change)
     params = vae.init(jax.random.key(0))
     x = (jax.random.uniform(jax.random.key(1), (32, 20)) < 0.4).astype(jnp.float32)
-    g_ref, i_ref = jax.jit(vj.make_unbiased_grad(model, 5, **kw))(params, x, jax.random.key(2))
-    g, info = jax.jit(vj.make_unbiased_grad(model, 5, num_slots=3, **kw))(
+    g_ref, i_ref = jax.jit(vj.make_unbiased_grad(model, num_particles=5, loop=PLAIN, **kw))(
+        params, x, jax.random.key(2)
+    )
+    g, info = jax.jit(vj.make_unbiased_grad(model, num_particles=5, loop=queue(3), **kw))(
         params, x, jax.random.key(2)
     )
     assert int(jnp.max(i_ref["num_iters"])) > 3  # the cascade and the deferred stages ran
@@ -118,9 +132,9 @@ def test_scheduled_equals_plain_loop_for_a_vae(variant):
 def test_few_slots_do_less_work(setup):
     """The point of the queue: evaluations follow the mean, not the max, number of iterations."""
     model, params, x = setup
-    plain = vj.make_unbiased_grad(model, num_particles=3)
+    plain = vj.make_unbiased_grad(model, num_particles=3, loop=PLAIN)
     # forward and backward per atom (no deferred backward, whose second evaluation is counted)
-    sched = vj.make_unbiased_grad(model, num_particles=3, num_slots=4, deferred_backward=False)
+    sched = vj.make_unbiased_grad(model, num_particles=3, loop=queue(4, deferred_backward=False))
     _, i_ref = plain(params, x, jax.random.key(9))
     _, info = sched(params, x, jax.random.key(9))
     mean_iters = float(jnp.mean(i_ref["num_iters"]))
@@ -133,9 +147,9 @@ def test_cascade_does_less_work(setup):
     """Shrinking the slots as the queue drains evaluates fewer atoms than P slots to the end."""
     model, params, x = setup
     flat = vj.make_unbiased_grad(
-        model, num_particles=3, num_slots=8, slot_cascade=False, deferred_backward=False
+        model, num_particles=3, loop=queue(8, slot_cascade=False, deferred_backward=False)
     )
-    cascade = vj.make_unbiased_grad(model, num_particles=3, num_slots=8, deferred_backward=False)
+    cascade = vj.make_unbiased_grad(model, num_particles=3, loop=queue(8, deferred_backward=False))
     _, i_flat = flat(params, x, jax.random.key(9))
     _, info = cascade(params, x, jax.random.key(9))
     assert bool(jnp.all(info["num_iters"] == i_flat["num_iters"]))
@@ -149,8 +163,8 @@ def test_deferred_backward_counts_its_second_evaluation(setup):
 
     model, params, x = setup
     S = 3
-    now = vj.make_unbiased_grad(model, num_particles=S, num_slots=1, deferred_backward=False)
-    deferred = vj.make_unbiased_grad(model, num_particles=S, num_slots=1)
+    now = vj.make_unbiased_grad(model, num_particles=S, loop=queue(1, deferred_backward=False))
+    deferred = vj.make_unbiased_grad(model, num_particles=S, loop=queue(1))
     _, i_now = now(params, x, jax.random.key(9))
     _, info = deferred(params, x, jax.random.key(9))
     rows = int(jnp.sum(i_now["num_iters"] + 1))  # lane-iterations
@@ -171,8 +185,42 @@ def test_stage_widths():
 def test_num_slots_validated(setup):
     model, _, _ = setup
     with pytest.raises(ValueError, match="num_slots must be >= 1"):
-        vj.make_unbiased_grad(model, num_slots=0)
+        vj.make_unbiased_grad(model, loop=queue(0))
+    with pytest.raises(ValueError, match="num_slots must be 'auto', None or an int"):
+        vj.make_unbiased_grad(model, loop=queue("fast"))
     with pytest.raises(TypeError, match="slot_cascade must be a bool"):
-        vj.make_unbiased_grad(model, num_slots=4, slot_cascade=1)
+        vj.make_unbiased_grad(model, loop=queue(4, slot_cascade=1))
     with pytest.raises(TypeError, match="deferred_backward must be a bool"):
-        vj.make_unbiased_grad(model, num_slots=4, deferred_backward="yes")
+        vj.make_unbiased_grad(model, loop=queue(4, deferred_backward="yes"))
+    with pytest.raises(TypeError, match="loop must be None or"):
+        vj.make_unbiased_grad(model, loop={"num_slots": 4})
+
+
+def test_auto_num_slots_is_the_backend_rule():
+    """The default loop: B*C/4 slots on CPU (at least 1), the plain loop on accelerators."""
+    assert vj.estimators.auto_num_slots(100, "cpu") == 25
+    assert vj.estimators.auto_num_slots(200, "cpu") == 50
+    assert vj.estimators.auto_num_slots(3, "cpu") == 1
+    assert vj.estimators.auto_num_slots(100, "gpu") is None
+    assert vj.estimators.auto_num_slots(100, "tpu") is None
+
+
+@pytest.mark.parametrize("backend,expect_queue", [("cpu", True), ("gpu", False)])
+def test_default_loop_follows_the_backend(setup, monkeypatch, backend, expect_queue):
+    """make_unbiased_grad's default resolves auto_num_slots(B*C) at trace time: the work queue of
+    B*C/4 slots where the backend is a CPU, the plain loop elsewhere (told apart by their
+    evaluation counts, which differ for the same draws)."""
+    model, params, x = setup
+    monkeypatch.setattr(jax, "default_backend", lambda: backend)
+    B, C = x.shape[0], 2
+    default = vj.make_unbiased_grad(model, num_particles=3, num_chains=C)
+    expected = queue(B * C // 4) if expect_queue else PLAIN
+    ref = vj.make_unbiased_grad(model, num_particles=3, num_chains=C, loop=expected)
+    other = vj.make_unbiased_grad(
+        model, num_particles=3, num_chains=C, loop=PLAIN if expect_queue else queue(B * C // 4)
+    )
+    _, info = default(params, x, jax.random.key(4))
+    _, i_ref = ref(params, x, jax.random.key(4))
+    _, i_other = other(params, x, jax.random.key(4))
+    assert int(info["num_log_joint_evals"]) == int(i_ref["num_log_joint_evals"])
+    assert int(info["num_log_joint_evals"]) != int(i_other["num_log_joint_evals"])

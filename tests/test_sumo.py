@@ -95,7 +95,7 @@ def test_log_likelihood_unbiased_iwae_and_plant_rejected(setup, sumo_ll, monkeyp
     z_sumo = _z_per_example(est, log_p)
 
     S_iwae = round(1 + sumo_expected_num_terms())  # the same expected number of draws (6)
-    iwae = jax.jit(make_iwae_grad(model, S_iwae, encoder_objective=None))
+    iwae = jax.jit(make_iwae_grad(model, num_particles=S_iwae, encoder_objective=None))
     bnd = _replicates(lambda xr, k: iwae(params, xr, k)[1]["bound"], x, calls, 10_000)
     z_iwae = _z_per_example(bnd, log_p)
 
@@ -135,7 +135,11 @@ def test_theta_gradient_unbiased_iwae_rejected(setup, sumo_grad):
     calls = 200
     sumo = sumo_grad(None)
     g_sumo = [sumo(params, xr, jax.random.key(1000 + c))[0]["decoder"] for c in range(calls)]
-    iwae = jax.jit(make_iwae_grad(model, round(1 + sumo_expected_num_terms()), None))
+    iwae = jax.jit(
+        make_iwae_grad(
+            model, num_particles=round(1 + sumo_expected_num_terms()), encoder_objective=None
+        )
+    )
     g_iwae = [iwae(params, xr, jax.random.key(5000 + c))[0]["decoder"] for c in range(calls)]
     z_sumo, z_iwae = _grad_z(g_sumo, exact), _grad_z(g_iwae, exact)
     print(f"\ngradient |z| per component: SUMO {z_sumo.round(2)}\n  IWAE {z_iwae.round(1)}")

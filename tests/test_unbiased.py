@@ -36,7 +36,10 @@ from vaeml_jax.estimators import _rejuvenation as RJ
 from vaeml_jax.estimators import unbiased as U
 
 QUALITY = 0.3  # a poor proposal: long chains, a large IWAE bias, a large correction
-MAIN = dict(num_particles=2, k=0, m=1, encoder_objective="inclusive_kl")
+# The plain loop: the reference the work queue is checked against, bit for bit (test_scheduled.py).
+MAIN = dict(
+    num_particles=2, k=0, m=1, encoder_objective="inclusive_kl", loop=vj.LoopOptions(num_slots=None)
+)
 R_MAIN = 96_000  # replicates of the reference and its plants (96k: early-ramp plant still z ~12)
 R_OTHER = 32_000
 SEED = 0

@@ -42,7 +42,11 @@ FACTORIES = {
     "elbo": vj.make_elbo_grad,
     "mcmc": vj.make_mcmc_grad,
 }
-INFO_KWARGS = dict(num_particles=S, k=1, m=3, num_chains=2, encoder_objective="inclusive_kl")
+# The plain loop, whose evaluation count has the closed form checked below.
+PLAIN = vj.LoopOptions(num_slots=None)
+INFO_KWARGS = dict(
+    num_particles=S, k=1, m=3, num_chains=2, encoder_objective="inclusive_kl", loop=PLAIN
+)
 
 
 @functools.cache
@@ -57,7 +61,7 @@ BAD_CONSTRUCTION = [
     ("unbiased", dict(num_particles=1), ValueError, r"num_particles must be >= 2 for the CIS"),
     ("mcmc", dict(num_particles=1), ValueError, r"num_particles must be >= 2 for the CIS"),
     ("iwae", dict(num_particles=0), ValueError, r"num_particles must be >= 1"),
-    ("elbo", dict(num_samples=0), ValueError, r"num_samples must be >= 1"),
+    ("elbo", dict(num_particles=0), ValueError, r"num_particles must be >= 1"),
     ("unbiased", dict(k=3, m=2), ValueError, r"k must be <= m .* got k=3 > m=2"),
     ("unbiased", dict(k=-1), ValueError, r"k must be >= 0, got -1"),
     ("unbiased", dict(m=-2), ValueError, r"m must be >= 0, got -2"),
@@ -69,9 +73,14 @@ BAD_CONSTRUCTION = [
     ("unbiased", dict(m=5, max_iters=3), ValueError, r"max_iters must be >= 5 \(it must at least"),
     ("unbiased", dict(max_iters=0), ValueError, r"max_iters must be >= 1"),
     ("unbiased", dict(max_iters=10.5), TypeError, r"max_iters must be an int"),
-    ("unbiased", dict(num_slots=0), ValueError, r"num_slots must be >= 1"),
-    ("unbiased", dict(unroll=0), ValueError, r"unroll must be >= 1"),
-    ("unbiased", dict(unroll=2, num_slots=4), ValueError, r"unroll=2 applies to the plain loop"),
+    ("unbiased", dict(loop=vj.LoopOptions(num_slots=0)), ValueError, r"num_slots must be >= 1"),
+    ("unbiased", dict(loop=vj.LoopOptions(unroll=0)), ValueError, r"unroll must be >= 1"),
+    (
+        "unbiased",
+        dict(loop=vj.LoopOptions(unroll=2, num_slots=4)),
+        ValueError,
+        r"unroll=2 applies to the plain loop",
+    ),
     ("unbiased", dict(encoder_objective="kl"), ValueError, r"encoder_objective must be one of"),
     ("iwae", dict(encoder_objective="ELBO"), ValueError, r"encoder_objective must be one of"),
     ("elbo", dict(encoder_objective="sumo"), ValueError, r"encoder_objective must be one of"),
@@ -87,6 +96,39 @@ def test_bad_arguments_raise_at_construction(name, kwargs, exc, match):
     model, _, _ = _setup()
     with pytest.raises(exc, match=match):
         FACTORIES[name](model, **kwargs)
+
+
+ALL_FACTORIES = dict(FACTORIES, sumo=vj.make_sumo_grad)
+SHARED_NAMES = ("num_particles", "encoder_objective", "encoder_particles")
+
+
+@pytest.mark.parametrize("name", list(ALL_FACTORIES))
+def test_the_model_is_the_only_positional_argument(name):
+    """One signature shape for every constructor: the model positional, the rest keyword-only,
+    one name per concept (a positional S is refused rather than taken for something else)."""
+    import inspect
+
+    params = inspect.signature(ALL_FACTORIES[name]).parameters
+    kinds = [p.kind for p in params.values()]
+    assert list(params)[0] == "model" and kinds[0] is inspect.Parameter.POSITIONAL_OR_KEYWORD
+    assert all(k is inspect.Parameter.KEYWORD_ONLY for k in kinds[1:])
+    if name != "sumo":  # SUMO draws a random number of particles: no S, no K of its own
+        assert set(SHARED_NAMES) <= set(params)
+    assert "encoder_objective" in params
+    model, _, _ = _setup()
+    with pytest.raises(TypeError, match="positional argument"):
+        ALL_FACTORIES[name](model, 5)
+
+
+@pytest.mark.parametrize("name", list(ALL_FACTORIES))
+def test_estimators_return_a_loss_gradient_with_the_documented_info(name):
+    model, params, x = _setup()
+    kw = {} if name == "sumo" else dict(num_particles=S)
+    out = ALL_FACTORIES[name](model, **kw)(params, x, jax.random.key(0))
+    assert isinstance(out, vj.LossGradient)
+    assert set(out.info) == set(vj.GradientInfo.__annotations__)
+    grads, info = out  # unpacks like the (grads, info) pair it is
+    assert info is out.info and grads is out.grads
 
 
 def test_numpy_ints_and_boundary_values_are_accepted():
@@ -211,7 +253,7 @@ def test_bad_keys_raise(name):
 
 def test_legacy_uint32_key_is_the_same_key():
     model, params, x = _setup()
-    est = fast_jit(vj.make_iwae_grad(model, S))
+    est = fast_jit(vj.make_iwae_grad(model, num_particles=S))
     a, _ = est(params, x, jax.random.PRNGKey(3))
     b, _ = est(params, x, jax.random.wrap_key_data(jax.random.PRNGKey(3)))
     jax.tree.map(np.testing.assert_array_equal, a, b)
@@ -257,7 +299,7 @@ def test_batch_gradient_is_the_mean_of_per_example_gradients():
 def test_tiny_max_iters_caps_and_reports():
     model, params, x = _setup(quality=0.0)  # the prior as proposal: chains meet slowly
     xr = jnp.tile(x, (8, 1))  # 48 lanes
-    est = fast_jit(vj.make_unbiased_grad(model, num_particles=2, max_iters=1))
+    est = fast_jit(vj.make_unbiased_grad(model, num_particles=2, max_iters=1, loop=PLAIN))
     grads, info = est(params, xr, jax.random.key(5))
     capped = np.asarray(info["capped"])
     iters, tau = np.asarray(info["num_iters"]), np.asarray(info["meeting_time"])
@@ -326,20 +368,20 @@ def test_float64():
         model, params, x = _setup(dtype=jnp.float64)
         keys = jax.random.split(jax.random.key(9), B)
         # IWAE (fused) in float64 matches a hand-written reference to float64 precision.
-        iwae = vj.make_iwae_grad(model, S)
+        iwae = vj.make_iwae_grad(model, num_particles=S)
         grads, info = fast_jit(iwae.with_lane_keys)(params, x, keys[:, None])
         ref = fast_jit(jax.grad(lambda p: _ref_iwae_loss(model, p, x, keys, S)))(params)
         jax.tree.map(
             lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-11, atol=1e-13), grads, ref
         )
         assert all(v.dtype == jnp.float64 for v in jax.tree.leaves(grads))
-        # The unbiased estimator runs in float64 end to end.
-        grads, info = fast_jit(vj.make_unbiased_grad(model, num_particles=S, k=1, m=2))(
-            params, x, jax.random.key(10)
-        )
-        assert all(v.dtype == jnp.float64 for v in jax.tree.leaves(grads))
-        assert all(bool(jnp.all(jnp.isfinite(v))) for v in jax.tree.leaves(grads))
-        assert info["bound"].dtype == jnp.float64
+        # The unbiased estimator runs in float64 end to end, in the default loop and the plain one.
+        for loop in (None, PLAIN):
+            est = vj.make_unbiased_grad(model, num_particles=S, k=1, m=2, loop=loop)
+            grads, info = fast_jit(est)(params, x, jax.random.key(10))
+            assert all(v.dtype == jnp.float64 for v in jax.tree.leaves(grads))
+            assert all(bool(jnp.all(jnp.isfinite(v))) for v in jax.tree.leaves(grads))
+            assert info["bound"].dtype == jnp.float64
     assert jnp.zeros(1).dtype == jnp.float32  # the context did not leak into the session
 
 

@@ -5,13 +5,13 @@ Example::
     import vaeml_jax as vj
     model = vj.LatentVariableModel(log_joint=..., sample_proposal=..., log_proposal=...)
     unbiased_grad = vj.make_unbiased_grad(model, num_particles=10)
-    grads, info = unbiased_grad(params, x, key)   # grads of the loss -(1/B) sum_i log p(x_i)
+    grads, info = unbiased_grad(params, x, key)   # grads of the LOSS -(1/B) sum_i log p(x_i)
 
 Where things live (one concept per module):
 
 =============================  ===================================================================
 ``vaeml_jax.estimators``       the gradient estimators, one interface ``(params, x, key)``:
-                               unbiased (coupled chains), IWAE, ELBO, MCMC, SUMO
+                               unbiased (coupled chains), IWAE, ELBO, MCMC, SUMO, MLMC
 ``vaeml_jax.couplings``        Markov kernels and their couplings for any log density: the CIS
                                kernel and its maximal coupling (``couplings.cis``), RWM, MALA,
                                HMC, and the H_{k:m} debiasing driver
@@ -29,18 +29,28 @@ Where things live (one concept per module):
 ``vaeml_jax.cli``              the ``vaeml`` command
 =============================  ===================================================================
 
-Conventions: every estimator is ``estimator(params, x, key) -> (grads, info)`` (data, then the
-key); kernels follow blackjax, ``step(key, state) -> (state, info)``.
+Conventions. Estimators: the model is the only positional argument of ``make_*_grad``, the rest
+are keywords, and every estimator is ``estimator(params, x, key) -> (grads, info)``, a
+:class:`LossGradient` whose ``grads`` is the gradient of the LOSS (descent-ready for optax) and
+whose ``info`` is a :class:`GradientInfo`. Keys: functions of data take the key after the data
+(``estimator(params, x, key)``, ``model.sample_proposal(params, x, key, num)``); Markov kernels
+and couplings take it first, as in blackjax (``step(key, state, ...)``,
+``couplings.cis.init(key, model, params, x, num_particles)``, ``maximal_coupling(key, p, q)``).
 """
 
 from importlib.metadata import PackageNotFoundError, version
 
 from vaeml_jax import couplings, diagnostics
 from vaeml_jax.estimators import (
+    GradientEstimator,
+    GradientInfo,
+    LoopOptions,
+    LossGradient,
     Rejuvenation,
     make_elbo_grad,
     make_iwae_grad,
     make_mcmc_grad,
+    make_mlmc_grad,
     make_sumo_grad,
     make_unbiased_grad,
     sumo_log_likelihood,
@@ -57,12 +67,17 @@ __all__ = [
     "VAE",
     "VAEConfig",
     "Rejuvenation",
+    "LoopOptions",
+    "GradientEstimator",
+    "GradientInfo",
+    "LossGradient",
     "diagnostics",
     "make_unbiased_grad",
     "make_iwae_grad",
     "make_elbo_grad",
     "make_mcmc_grad",
     "make_sumo_grad",
+    "make_mlmc_grad",
     "sumo_log_likelihood",
     "couplings",
 ]

@@ -14,7 +14,10 @@ fresh draws from q. It leaves \bar\pi invariant up to the order of the particles
 are symmetric, so that order never matters), and the kept particle of a stationary chain is a
 posterior draw. Functions here act on ONE example; vmap them over a batch.
 
-Kernels follow blackjax: ``init`` and ``build_kernel(...) -> step`` over NamedTuple states.
+Kernels follow blackjax: ``init`` and ``build_kernel(...) -> step`` over NamedTuple states, and
+every random function here takes its key FIRST (``init(key, ...)``, ``step(key, state, ...)``,
+``maximal_coupling(key, p, q)``), as every kernel of :mod:`vaeml_jax.couplings` does; the
+estimators built on them take it last, ``estimator(params, x, key)``.
 The same kernels in the general driver's ``step(key, state)`` form, closed over (params, x), are
 in :mod:`vaeml_jax.couplings.vae_reference`.
 
@@ -44,7 +47,8 @@ overlap being positive whenever the fresh proposals have positive weight.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -89,7 +93,7 @@ class CISState(NamedTuple):
 class CISInfo(NamedTuple):
     """What one step did: the resampled index (into the previous tuple)."""
 
-    index: jax.Array
+    index: jax.Array  # type: ignore[assignment]  # a field, named like tuple.index
 
 
 def normalized_weights(log_w: jax.Array) -> jax.Array:
@@ -99,26 +103,39 @@ def normalized_weights(log_w: jax.Array) -> jax.Array:
     return jax.nn.softmax(log_w, axis=-1)
 
 
-def init(model: LatentVariableModel, params, x, key, num_particles: int) -> CISState:
+def init(
+    key: jax.Array, model: LatentVariableModel, params: Any, x: jax.Array, num_particles: int
+) -> CISState:
     """X_0 ~ q^S: draw the tuple from the proposal (particles are not differentiated)."""
     z = jax.lax.stop_gradient(model.sample_proposal(params, x, key, num_particles))
     lj, lq, _ = log_weights(model, params, x, z)
     return CISState(z, lj, lq)
 
 
-def refresh(model: LatentVariableModel, params, x, key, kept: jax.Array, num_particles: int):
+def refresh(
+    key: jax.Array,
+    model: LatentVariableModel,
+    params: Any,
+    x: jax.Array,
+    kept: jax.Array,
+    num_particles: int,
+) -> jax.Array:
     """The tuple (kept, z'_1, ..., z'_{S-1}) with z' ~ q fresh; returns the new particles."""
     fresh = jax.lax.stop_gradient(model.sample_proposal(params, x, key, num_particles - 1))
     return jnp.concatenate([kept[None].astype(fresh.dtype), fresh], axis=0)
 
 
-def build_kernel(model: LatentVariableModel, num_particles: int):
+def build_kernel(
+    model: LatentVariableModel, num_particles: int
+) -> Callable[[jax.Array, CISState, Any, jax.Array], tuple[CISState, CISInfo]]:
     """Return ``step(key, state, params, x) -> (state, CISInfo)``, one CIS transition.
 
     Costs S-1 evaluations of log_joint: the kept particle's values are carried over.
     """
 
-    def step(key, state: CISState, params, x):
+    def step(
+        key: jax.Array, state: CISState, params: Any, x: jax.Array
+    ) -> tuple[CISState, CISInfo]:
         key_index, key_fresh = jax.random.split(key)
         index = jax.random.categorical(key_index, state.log_weights)
         index = jnp.where(jnp.all(jnp.isneginf(state.log_weights)), 0, index)
@@ -153,7 +170,7 @@ class AtomPair(NamedTuple):
     met: jax.Array
 
 
-def maximal_coupling(key, p: jax.Array, q: jax.Array):
+def maximal_coupling(key: jax.Array, p: jax.Array, q: jax.Array) -> tuple[jax.Array, jax.Array]:
     r"""Draw (i, j) with i ~ p, j ~ q and P(i = j) = \sum_a \min(p_a, q_a), the maximum possible.
 
     With probability omega = sum min(p, q) draw i = j ~ min(p, q) / omega; otherwise draw i from the
@@ -191,7 +208,7 @@ def overlap(p: jax.Array, q: jax.Array) -> jax.Array:
     return jnp.sum(jnp.minimum(p, q))
 
 
-def chain_views(log_w_atoms: jax.Array, met: jax.Array):
+def chain_views(log_w_atoms: jax.Array, met: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Log weights of X's tuple (atoms 0,2..S) and Y's tuple (atoms 1,2..S) as (S+1,) vectors.
 
     The atom a chain does not own gets -inf. When met, Y's kept particle is the same particle as
@@ -204,13 +221,15 @@ def chain_views(log_w_atoms: jax.Array, met: jax.Array):
     return lw_x, lw_y
 
 
-def resampling_distributions(log_w_atoms: jax.Array, met: jax.Array):
+def resampling_distributions(log_w_atoms: jax.Array, met: jax.Array) -> tuple[jax.Array, jax.Array]:
     """The two chains' resampling distributions over the S+1 atoms: (p_x, p_y)."""
     lw_x, lw_y = chain_views(log_w_atoms, met)
     return normalized_weights(lw_x), normalized_weights(lw_y)
 
 
-def coupled_select(key, log_w_atoms: jax.Array, met: jax.Array):
+def coupled_select(
+    key: jax.Array, log_w_atoms: jax.Array, met: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Maximally coupled resampling: atom indices (i, j) kept by X and Y, and whether they meet."""
     p_x, p_y = resampling_distributions(log_w_atoms, met)
     i, j = maximal_coupling(key, p_x, p_y)

@@ -79,7 +79,7 @@ def _check(model, num_particles):
 def build_rinit(model: LatentVariableModel, params, x, num_particles: int) -> Callable:
     """``rinit(key) -> CISState``: X_0 ~ q(.|x)^S (:func:`vaeml_jax.couplings.cis.init`)."""
     S = _check(model, num_particles)
-    return lambda key: _cis.init(model, params, x, key, S)
+    return lambda key: _cis.init(key, model, params, x, S)
 
 
 def build_kernel(model: LatentVariableModel, params, x, num_particles: int) -> Callable:

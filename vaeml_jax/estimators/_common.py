@@ -1,4 +1,5 @@
-"""Shared pieces of the gradient estimators: argument checks, keys, batched evaluation, losses."""
+"""Shared pieces of the gradient estimators: the returned types, argument checks, keys, batched
+evaluation, losses."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import dataclasses
 import math
 import numbers
 from collections.abc import Callable
+from typing import Any, Literal, NamedTuple, TypedDict, get_args
 
 import jax
 import jax.numpy as jnp
@@ -15,9 +17,71 @@ from vaeml_jax import diagnostics
 from vaeml_jax.couplings.cis import normalized_weights
 from vaeml_jax.models.interface import LatentVariableModel, check_batch, sample_and_log_proposal
 
-ENCODER_OBJECTIVES = ("elbo", "iwae", "inclusive_kl", "iwae_dreg", "chi2")
+Params = Any  # a pytree of arrays
+EncoderObjective = Literal["elbo", "iwae", "inclusive_kl", "iwae_dreg", "chi2"]
+ENCODER_OBJECTIVES: tuple[str, ...] = get_args(EncoderObjective)
 # Objectives computed by :func:`encoder_loss` on reparameterised draws z = g_phi(eps).
 REPARAM_OBJECTIVES = ("elbo", "iwae", "iwae_dreg", "chi2")
+
+
+class GradientInfo(TypedDict):
+    r"""What every estimator reports about one call ``estimator(params, x, key)``, per example.
+
+    A plain dict at run time (a pytree: it goes through ``jax.jit``, ``vmap`` and ``shard_map``
+    as is); the type names its fields. Every estimator returns every field; where a field has no
+    meaning for an estimator it holds zeros (or NaN), as said below. B is the batch size, C the
+    number of coupled pairs per example (``num_chains``; 1 for every other estimator).
+
+    Attributes:
+      meeting_time: (B, C) int32. Unbiased: tau, the first t >= 1 with X_t = Y_{t-1}, per
+        example and pair; for a capped lane a lower bound (its last t + 1). Zeros for the other
+        estimators (no coupled chains).
+      num_iters: (B, C) int32, the iterations each lane ran. Unbiased: coupled iterations (each
+        advances both chains once); MCMC: T = ``num_steps`` for every example; SUMO: J, the
+        number of Delta terms used; zeros for ELBO and IWAE.
+      capped: (B, C) bool. Unbiased: the lane stopped at ``max_iters`` before meeting (its
+        correction is truncated: the estimator's one source of bias); SUMO: J was cut at
+        ``max_terms``; False for the others.
+      num_log_joint_evals: () int32, the ``log_joint`` evaluations the call executed for the
+        whole batch, masked lanes and re-evaluations included (the cost, in model evaluations;
+        each estimator's docstring gives its formula).
+      bound: (B,) float. ELBO: the per-example ELBO estimate of the draws; IWAE, MCMC and
+        unbiased: the IWAE-S bound log (1/S) sum_s w_s of the initial draws (averaged over
+        pairs); SUMO: the SUMO estimate of log p(x_i). For monitoring.
+      ess: (B,) float32, the effective sample size (sum_s w_s)^2 / sum_s w_s^2 of the initial
+        draws' S importance weights, in [1, S]
+        (:func:`vaeml_jax.diagnostics.importance_diagnostics`, averaged over pairs); NaN for SUMO
+        (no fixed S).
+      log1p_chi2: (B,) float32, log(S / ESS), the plug-in log(1 + chi^2(p(z|x) || q(z|x))), in
+        [0, log S]: a lower bound on the truth when the proposal is poor; NaN for SUMO.
+      log_weight_std: (B,) float32, the standard deviation of the initial draws' log weights
+        (nats), which keeps resolving where ESS saturates; NaN for SUMO.
+    """
+
+    meeting_time: jax.Array
+    num_iters: jax.Array
+    capped: jax.Array
+    num_log_joint_evals: jax.Array
+    bound: jax.Array
+    ess: jax.Array
+    log1p_chi2: jax.Array
+    log_weight_std: jax.Array
+
+
+class LossGradient(NamedTuple):
+    r"""What an estimator returns: ``grads, info = estimator(params, x, key)``.
+
+    Attributes:
+      grads: the structure of ``params``: the gradient of the LOSS, on theta (the parameters
+        ``log_joint`` reads) an estimate of -\nabla_\theta (1/B) \sum_i \log p_\theta(x_i)
+        (unbiased or not, depending on the estimator), on phi (the parameters only the proposal
+        reads) the gradient of the encoder objective's loss. Descent-ready: pass it to an optax
+        optimiser as is. A parameter read by both gets the sum.
+      info: :class:`GradientInfo`, per-example diagnostics and the cost of the call.
+    """
+
+    grads: Params
+    info: GradientInfo
 
 
 def check_int(name: str, value, minimum: int, why: str = "") -> int:
@@ -40,7 +104,7 @@ def check_num_particles(num_particles, cis_based: bool) -> int:
     return check_int("num_particles", num_particles, 1)
 
 
-def check_encoder_objective(encoder_objective):
+def check_encoder_objective(encoder_objective: Any) -> EncoderObjective | None:
     if encoder_objective is not None and encoder_objective not in ENCODER_OBJECTIVES:
         raise ValueError(
             f"encoder_objective must be one of {ENCODER_OBJECTIVES} or None, "
@@ -209,7 +273,9 @@ def encoder_loss_joint(model: LatentVariableModel, params, x, keys, num: int, ob
     return encoder_loss(model, params, x, keys, num, objective, freeze_theta=False)
 
 
-def base_info(batch_size: int, num_chains: int, bound, num_log_joint_evals, log_weights=None):
+def base_info(
+    batch_size: int, num_chains: int, bound: jax.Array, num_log_joint_evals: Any, log_weights=None
+) -> GradientInfo:
     """The info dict every estimator returns (zeros where a field has no meaning for it).
 
     ``log_weights`` (B, C, S): the log importance weights of the initial draws; they give the
@@ -223,21 +289,24 @@ def base_info(batch_size: int, num_chains: int, bound, num_log_joint_evals, log_
     else:
         per_lane = diagnostics.importance_diagnostics(jax.lax.stop_gradient(log_weights))
         diag = jax.tree.map(lambda a: jnp.mean(a, axis=-1).astype(jnp.float32), per_lane)
-    return {
-        "meeting_time": zeros,
-        "num_iters": zeros,
-        "capped": jnp.zeros((batch_size, num_chains), bool),
-        "num_log_joint_evals": jnp.asarray(num_log_joint_evals, jnp.int32),
-        "bound": bound,
-        "ess": diag.ess,
-        "log1p_chi2": diag.log1p_chi2,
-        "log_weight_std": diag.log_weight_std,
-    }
+    return GradientInfo(
+        meeting_time=zeros,
+        num_iters=zeros,
+        capped=jnp.zeros((batch_size, num_chains), bool),
+        num_log_joint_evals=jnp.asarray(num_log_joint_evals, jnp.int32),
+        bound=bound,
+        ess=diag.ess,
+        log1p_chi2=diag.log1p_chi2,
+        log_weight_std=diag.log_weight_std,
+    )
 
 
 @dataclasses.dataclass(frozen=True)
 class GradientEstimator:
-    """A gradient estimator: ``grads, info = estimator(params, x, key)``.
+    """A gradient estimator: ``grads, info = estimator(params, x, key)``, a :class:`LossGradient`.
+
+    ``params`` is the model's parameter pytree, ``x`` a batch (B, ...), ``key`` ONE
+    ``jax.random.key`` (the estimator splits it per example and chain): data first, then the key.
 
     ``with_lane_keys(params, x, keys)`` is the same computation given one key per (example, chain),
     shape (B, num_chains): the randomness of an example then does not depend on where it sits in
@@ -246,10 +315,10 @@ class GradientEstimator:
 
     name: str
     num_chains: int
-    with_lane_keys: Callable
+    with_lane_keys: Callable[[Params, jax.Array, jax.Array], LossGradient]
     model: LatentVariableModel
 
-    def __call__(self, params, x, key):
+    def __call__(self, params: Params, x: jax.Array, key: jax.Array) -> LossGradient:
         check_batch(self.model, params, x)
         keys = lane_keys(as_key(key), x.shape[0], self.num_chains)
         return self.with_lane_keys(params, x, keys)

@@ -238,12 +238,12 @@ def scheduled_estimate(
         coef = (scale * coef[:, 0] * on[:, None]).astype(lj.dtype)
         buf, grads = c.buffer, c.grads
         if deferred:  # the stage loop guarantees room for this iteration's rows
-            pos = jnp.where(on, buf.size + jnp.cumsum(on) - 1, buf.lane.shape[0])  # live rows
+            pos = jnp.where(on, buf.size + _count(on, cumulative=True) - 1, buf.lane.shape[0])
             buf = _Buffer(
                 lane=buf.lane.at[pos].set(lane, mode="drop"),
                 atoms=buf.atoms.at[pos].set(atoms, mode="drop"),
                 coef=buf.coef.at[pos].set(coef, mode="drop"),
-                size=buf.size + jnp.sum(on),
+                size=buf.size + _count(on),
             )
         else:
             (g,) = vjp((coef,) * len(outs))
@@ -258,7 +258,7 @@ def scheduled_estimate(
         meeting_time = c.meeting_time.at[out_idx].set(rec_meeting, mode="drop")
         num_iters = c.num_iters.at[out_idx].set(t - 1, mode="drop")
         capped = c.capped.at[out_idx].set(capped_now, mode="drop")
-        rank = jnp.cumsum(done) - 1
+        rank = _count(done, cumulative=True) - 1
         new_lane = jnp.where(c.next_lane + rank < L, c.next_lane + rank, -1)
         lane_next = jnp.where(done, new_lane, sl.lane)
         restart = done
@@ -280,7 +280,7 @@ def scheduled_estimate(
             slots=slots,
             buffer=buf,
             flushed_rows=c.flushed_rows,
-            next_lane=jnp.minimum(c.next_lane + jnp.sum(done), L),
+            next_lane=jnp.minimum(c.next_lane + _count(done), L),
             slot_steps=c.slot_steps + sl.lane.shape[0],
             meeting_time=meeting_time,
             num_iters=num_iters,
@@ -334,6 +334,12 @@ def scheduled_estimate(
         capped=final.capped.reshape(B, C),
     )
     return final.grads, info
+
+
+def _count(mask: jax.Array, cumulative: bool = False) -> jax.Array:
+    """How many entries of a bool mask are set (or the running count), as int32: the loop
+    carries' dtype, also under ``jax.enable_x64`` (where sums of bools are int64)."""
+    return jnp.cumsum(mask, dtype=jnp.int32) if cumulative else jnp.sum(mask, dtype=jnp.int32)
 
 
 def _run_deferred(stage_cond, body, flush_full, carry: _Carry) -> _Carry:

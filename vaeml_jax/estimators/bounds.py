@@ -13,23 +13,32 @@ A parameter read by both functions receives the sum of the two.
 
 from __future__ import annotations
 
+from typing import Any, Literal
+
 import jax
 import jax.numpy as jnp
 
 from vaeml_jax.estimators import _common
+from vaeml_jax.estimators._common import EncoderObjective, GradientEstimator, LossGradient
 from vaeml_jax.models.interface import LatentVariableModel, check_model
 
 __all__ = ["make_iwae_grad", "make_elbo_grad"]
 
 
-def _make_bound_grad(model, num_particles: int, encoder_objective, bound: str, encoder_particles):
+def _make_bound_grad(
+    model: LatentVariableModel,
+    num_particles: int,
+    encoder_objective: EncoderObjective | None,
+    bound: Literal["elbo", "iwae"],
+    encoder_particles: int | None,
+) -> GradientEstimator:
     K, own_draws = _common.check_encoder_particles(
         encoder_particles, encoder_objective, num_particles
     )
     # the textbook estimator: one surrogate, one backward pass
     fused = encoder_objective == bound and not own_draws
 
-    def grad_fn(params, x, keys):
+    def grad_fn(params: Any, x: jax.Array, keys: jax.Array) -> LossGradient:
         batch = x.shape[0]
 
         def loss_fn(p):
@@ -58,24 +67,26 @@ def _make_bound_grad(model, num_particles: int, encoder_objective, bound: str, e
         per_example = _common.log_mean_exp(lw) if bound == "iwae" else jnp.mean(lw, axis=-1)
         evals = batch * (num_particles + (K if own_draws else 0))
         info = _common.base_info(batch, 1, per_example[:, 0], evals, lw)
-        return grads, info
+        return LossGradient(grads, info)
 
     return _common.GradientEstimator(bound, 1, grad_fn, model)
 
 
 def make_iwae_grad(
     model: LatentVariableModel,
+    *,
     num_particles: int = 10,
-    encoder_objective: str | None = "iwae",
+    encoder_objective: EncoderObjective | None = "iwae",
     encoder_particles: int | None = None,
-):
-    r"""IWAE gradient estimator (Burda, Grosse & Salakhutdinov, 2016).
+) -> GradientEstimator:
+    r"""IWAE gradient estimator (Burda, Grosse & Salakhutdinov, 2016) of the loss -(1/B) \sum_i
+    IWAE_S(x_i).
 
     theta: h(Z) = \sum_s \bar w_s \nabla_\theta \log p(x, z_s) with Z ~ q^S, whose expectation is
     the gradient of the IWAE-S bound, not of \log p(x) (bias O(1/S)).
 
     Args:
-      model: a :class:`LatentVariableModel`.
+      model: a :class:`LatentVariableModel` (the only positional argument).
       num_particles: S >= 1 importance samples per example.
       encoder_objective: ``"iwae"`` (default, the bound itself by reparameterisation; then theta
         and phi come from a single backward pass), ``"elbo"``, ``"iwae_dreg"`` (the IWAE bound's
@@ -89,10 +100,13 @@ def make_iwae_grad(
         example (independent keys), counted in ``num_log_joint_evals``.
 
     Returns:
-      ``grad_fn(params, x, key) -> (grads, info)`` with x of shape (B, ...). ``info``: per example
-      ``bound`` (B,) the IWAE-S bound of the draw, ``meeting_time``/``num_iters``/``capped`` (B, 1)
-      zeros (no chains), and ``num_log_joint_evals`` = B*S (+ B*K for an encoder objective with
-      its own K draws).
+      A :class:`GradientEstimator` ``grad_fn(params, x, key) -> (grads, info)``, a
+      :class:`LossGradient`, with x of shape (B, ...): ``grads`` the gradient of the loss above
+      on theta (descent-ready), of the encoder objective's loss on phi. ``info``, a
+      :class:`GradientInfo`: per example ``bound`` (B,) the IWAE-S bound of the draw,
+      ``meeting_time``/``num_iters``/``capped`` (B, 1) zeros (no chains), ``ess``,
+      ``log1p_chi2``, ``log_weight_std`` (B,) the draws' importance diagnostics, and
+      ``num_log_joint_evals`` = B*S (+ B*K for an encoder objective with its own K draws).
     """
     check_model(model)
     num_particles = _common.check_num_particles(num_particles, cis_based=False)
@@ -102,27 +116,31 @@ def make_iwae_grad(
 
 def make_elbo_grad(
     model: LatentVariableModel,
-    encoder_objective: str | None = "elbo",
-    num_samples: int = 1,
+    *,
+    num_particles: int = 1,
+    encoder_objective: EncoderObjective | None = "elbo",
     encoder_particles: int | None = None,
-):
-    r"""Standard VAE gradient (Kingma & Welling, 2014): the ELBO by reparameterisation.
+) -> GradientEstimator:
+    r"""Standard VAE gradient (Kingma & Welling, 2014) of the loss -(1/B) \sum_i ELBO(x_i), the
+    ELBO by reparameterisation.
 
     theta: (1/S) \sum_s \nabla_\theta \log p(x, z_s), z_s ~ q; the gradient of the ELBO, biased
     for \nabla_\theta \log p(x) by the posterior mismatch.
 
     Args:
-      model: a :class:`LatentVariableModel`.
+      model: a :class:`LatentVariableModel` (the only positional argument).
+      num_particles: S >= 1 Monte-Carlo samples of z per example (default 1).
       encoder_objective: ``"elbo"`` (default, the standard VAE: one backward pass), ``"iwae"``,
         ``"iwae_dreg"``, ``"chi2"``, ``"inclusive_kl"`` or None (see :func:`make_iwae_grad`).
-      num_samples: Monte-Carlo samples of z per example (default 1).
-      encoder_particles: as in :func:`make_iwae_grad` (None: the same num_samples draws).
+      encoder_particles: as in :func:`make_iwae_grad` (None: the same S draws).
 
     Returns:
-      ``grad_fn(params, x, key) -> (grads, info)``; ``info["bound"]`` is the per-example ELBO
-      estimate and ``num_log_joint_evals`` = B * num_samples.
+      A :class:`GradientEstimator` ``grad_fn(params, x, key) -> (grads, info)``, a
+      :class:`LossGradient`; ``grads`` as in :func:`make_iwae_grad`, ``info`` a
+      :class:`GradientInfo` whose ``bound`` is the per-example ELBO estimate and
+      ``num_log_joint_evals`` = B * S (+ B*K for an encoder objective with its own K draws).
     """
     check_model(model)
-    num_samples = _common.check_int("num_samples", num_samples, 1)
+    num_particles = _common.check_num_particles(num_particles, cis_based=False)
     _common.check_encoder_objective(encoder_objective)
-    return _make_bound_grad(model, num_samples, encoder_objective, "elbo", encoder_particles)
+    return _make_bound_grad(model, num_particles, encoder_objective, "elbo", encoder_particles)

@@ -10,11 +10,14 @@ removes the bias of starting the chain at q^S. Its bias decays with T like the c
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 
 from vaeml_jax.couplings.cis import normalized_weights
 from vaeml_jax.estimators import _common
+from vaeml_jax.estimators._common import EncoderObjective, GradientEstimator, LossGradient
 from vaeml_jax.models.interface import LatentVariableModel, check_model
 
 __all__ = ["make_mcmc_grad"]
@@ -22,16 +25,18 @@ __all__ = ["make_mcmc_grad"]
 
 def make_mcmc_grad(
     model: LatentVariableModel,
+    *,
     num_particles: int = 10,
     num_steps: int = 5,
     burn_in: int = 0,
-    encoder_objective: str | None = "iwae",
+    encoder_objective: EncoderObjective | None = "iwae",
     encoder_particles: int | None = None,
-):
-    r"""Average of the IWAE theta-gradient h along one CIS chain per example (biased).
+) -> GradientEstimator:
+    r"""Average of the IWAE theta-gradient h along one CIS chain per example (biased), as the
+    gradient of the loss -(1/B) \sum_i \log p(x_i).
 
     Args:
-      model: a :class:`LatentVariableModel`.
+      model: a :class:`LatentVariableModel` (the only positional argument).
       num_particles: S >= 2.
       num_steps: T >= 0 CIS transitions after X_0.
       burn_in: 0 <= b <= T; h is averaged over t = b, ..., T (b = 0 includes X_0, the IWAE draw).
@@ -42,7 +47,8 @@ def make_mcmc_grad(
         another K: K draws of its own, + B K evaluations).
 
     Returns:
-      ``grad_fn(params, x, key) -> (grads, info)`` as :func:`make_unbiased_grad`: ``grads`` is the
+      A :class:`GradientEstimator` ``grad_fn(params, x, key) -> (grads, info)``, a
+      :class:`LossGradient`, as :func:`make_unbiased_grad`: ``grads`` is the
       (biased) estimate of the gradient of -(1/B) sum_i log p(x_i) on theta and of the encoder
       loss on phi; ``info["num_iters"]`` is T for every example, ``num_log_joint_evals`` is
       B (S + (S-1) b' + S (T - b')) with b' = max(b, 1) - 1 burn-in-only steps.
@@ -60,7 +66,7 @@ def make_mcmc_grad(
     n = T - b + 1
     burn_only = max(b, 1) - 1  # transitions before the first averaged state (t = 1 .. b-1)
 
-    def grad_fn(params, x, keys):
+    def grad_fn(params: Any, x: jax.Array, keys: jax.Array) -> LossGradient:
         B = x.shape[0]
         scale = -1.0 / B
         split = jax.vmap(jax.vmap(lambda kk: jax.random.split(kk, 2)))(keys)
@@ -126,6 +132,6 @@ def make_mcmc_grad(
         evals += B * K if own_draws else 0
         info = _common.base_info(B, 1, bound, evals, lw0)
         info["num_iters"] = jnp.full((B, 1), T, jnp.int32)
-        return grads, info
+        return LossGradient(grads, info)
 
     return _common.GradientEstimator("mcmc", 1, grad_fn, model)

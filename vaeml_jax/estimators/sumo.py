@@ -57,16 +57,19 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+from typing import Any, Literal, get_args
 
 import jax
 import jax.numpy as jnp
 
 from vaeml_jax.estimators import _common
+from vaeml_jax.estimators._common import GradientEstimator, LossGradient
 from vaeml_jax.models.interface import LatentVariableModel, check_batch, check_model
 
 __all__ = ["sumo_log_likelihood", "make_sumo_grad", "sumo_expected_num_terms"]
 
-ENCODER_OBJECTIVES = ("sumo_variance", "elbo", "iwae")
+SumoEncoderObjective = Literal["sumo_variance", "elbo", "iwae"]
+ENCODER_OBJECTIVES: tuple[str, ...] = get_args(SumoEncoderObjective)
 _MAX_WEIGHT = 1e30  # the largest 1/P(J >= j) allowed (finite in float32, with room)
 
 
@@ -244,16 +247,16 @@ def _num_chunks(cfg: _Config, num_terms):
 
 def sumo_log_likelihood(
     model: LatentVariableModel,
-    params,
-    x,
-    key,
+    params: Any,
+    x: jax.Array,
+    key: jax.Array,
     *,
     min_terms: int = 1,
     max_terms: int = 128,
     tail_start: int = 80,
     tail_decay: float = 0.1,
     chunk_size: int = 8,
-):
+) -> tuple[jax.Array, jax.Array]:
     r"""SUMO estimates of log p(x_i) for a batch x (B, ...), independent randomness per example.
 
     Args:
@@ -285,13 +288,14 @@ def sumo_log_likelihood(
 
 def make_sumo_grad(
     model: LatentVariableModel,
+    *,
     min_terms: int = 1,
     max_terms: int = 128,
     tail_start: int = 80,
     tail_decay: float = 0.1,
     chunk_size: int = 8,
-    encoder_objective: str | None = "sumo_variance",
-):
+    encoder_objective: SumoEncoderObjective | None = "sumo_variance",
+) -> GradientEstimator:
     r"""The SUMO gradient estimator behind the common interface.
 
     theta (the parameters ``log_joint`` reads): the gradient of the LOSS -(1/B) \sum_i SUMO(x_i)
@@ -313,17 +317,19 @@ def make_sumo_grad(
     A parameter read by both functions gets the sum of its two parts.
 
     Args:
-      model: a :class:`LatentVariableModel`.
+      model: a :class:`LatentVariableModel` (the only positional argument).
       min_terms, max_terms, tail_start, tail_decay, chunk_size: as in
         :func:`sumo_log_likelihood`.
       encoder_objective: ``"sumo_variance"``, ``"elbo"``, ``"iwae"`` or None.
 
     Returns:
-      ``grad_fn(params, x, key) -> (grads, info)``, a ``GradientEstimator``. ``info``: ``bound``
+      A :class:`GradientEstimator` ``grad_fn(params, x, key) -> (grads, info)``, a
+      :class:`LossGradient`. ``info``, a :class:`GradientInfo`: ``bound``
       (B,) the SUMO estimate of each example; ``num_iters`` (B, 1) the number J of Delta terms
       used; ``capped`` (B, 1) whether J was cut at ``max_terms``; ``meeting_time`` (B, 1) zeros
       (no chains); ``num_log_joint_evals`` () the evaluations executed, 2 B n chunk_size for the
-      n chunks covering the batch-max m + J (pass 1 and pass 2, masked draws included).
+      n chunks covering the batch-max m + J (pass 1 and pass 2, masked draws included);
+      ``ess``, ``log1p_chi2``, ``log_weight_std`` NaN (no fixed number of draws).
     """
     check_model(model)
     cfg = _check_config(min_terms, max_terms, tail_start, tail_decay, chunk_size)
@@ -350,7 +356,7 @@ def make_sumo_grad(
             enc = jnp.zeros((), log_w.dtype)
         return theta_loss, enc, sumo
 
-    def grad_fn(params, x, keys):
+    def grad_fn(params: Any, x: jax.Array, keys: jax.Array) -> LossGradient:
         B = x.shape[0]
         key_j, key_z = _split_keys(keys)
         num_terms, capped = jax.vmap(lambda k: _draw_num_terms(k, cfg))(key_j)
@@ -389,7 +395,8 @@ def make_sumo_grad(
         _, grads = jax.lax.while_loop(lambda s: s[0] < num_chunks, body, (jnp.int32(0), zeros))
         evals = 2 * B * chunk * num_chunks
         info = _common.base_info(B, 1, sumo, evals)
-        info.update(num_iters=num_terms[:, None], capped=capped[:, None])
-        return grads, info
+        info["num_iters"] = num_terms[:, None]
+        info["capped"] = capped[:, None]
+        return LossGradient(grads, info)
 
     return _common.GradientEstimator("sumo", 1, grad_fn, model)

@@ -4,10 +4,10 @@ Ruiz, Titsias, Cemgil & Doucet (UAI 2021), "Unbiased Gradient Estimation for Var
 Auto-Encoders using Coupled Markov Chains", with the time-averaged estimator of Jacob, O'Leary &
 Atchade (JRSS-B 2020).
 
-For each example, two CIS chains on the augmented space (see :mod:`vaeml_jax.cis`) are run with a
-lag of one: X_0, Y_0 ~ q^S, X_1 ~ K(X_0) (its fresh proposals are Y_0's last S-1 particles, which
-is a valid coupling of the two initial laws and saves S-1 evaluations), then
-(X_{t+1}, Y_t) ~ \bar K((X_t, Y_{t-1})) with the coupled kernel of :mod:`vaeml_jax.coupling`.
+For each example, two CIS chains on the augmented space (see :mod:`vaeml_jax.couplings.cis`) are
+run with a lag of one: X_0, Y_0 ~ q^S, X_1 ~ K(X_0) (its fresh proposals are Y_0's last S-1
+particles, which is a valid coupling of the two initial laws and saves S-1 evaluations), then
+(X_{t+1}, Y_t) ~ \bar K((X_t, Y_{t-1})) with the coupled kernel of :mod:`vaeml_jax.couplings.cis`.
 With tau = inf{t >= 1 : X_t = Y_{t-1}},
 
 .. math::
@@ -20,10 +20,12 @@ and E[H_{k:m}] = E_{\bar\pi}[h] = \nabla_\theta \log p_\theta(x) exactly: no bou
 Cost. h is linear in \nabla_\theta \log p(x, z) with weights that are constants of the particles, so
 every iteration contributes ``vjp(coefficients)`` of the S+1 atoms it evaluates
 (2 kept + S-1 shared fresh): S+1 ``log_joint`` evaluations and one backward pass, accumulated in
-the ``lax.while_loop`` carry. Nothing is re-run to get gradients. The loop is written over the whole
-batch: it runs until the slowest (example, chain) lane is done, finished lanes are masked
-(their states frozen, their coefficients zero), so the wall time follows the batch-max number of
-iterations.
+the ``lax.while_loop`` carry. Nothing is re-run to get gradients. The plain loop (here) is written
+over the whole batch: it runs until the slowest (example, chain) lane is done, finished lanes are
+masked (their states frozen, their coefficients zero), so the wall time follows the batch-max
+number of iterations. On CPU the default is the work queue of
+:mod:`vaeml_jax.estimators._scheduled` instead, whose cost follows the batch-mean number of
+iterations; both give the same estimate (:class:`LoopOptions`).
 
 The one source of bias is ``max_iters``: a lane that has not met after ``max_iters`` coupled
 iterations is stopped, its correction truncated, and reported in ``info["capped"]``.
@@ -31,20 +33,32 @@ iterations is stopped, its correction truncated, and reported in ``info["capped"
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+import dataclasses
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from vaeml_jax.couplings.cis import chain_views, coupled_select, normalized_weights
 from vaeml_jax.estimators import _common, _rejuvenation, _scheduled
+from vaeml_jax.estimators._common import (
+    EncoderObjective,
+    GradientEstimator,
+    LossGradient,
+)
 from vaeml_jax.estimators._rejuvenation import Rejuvenation
 from vaeml_jax.models.interface import LatentVariableModel, check_model
 
-__all__ = ["make_unbiased_grad", "jacob_coefficients", "Rejuvenation"]
+__all__ = [
+    "make_unbiased_grad",
+    "LoopOptions",
+    "auto_num_slots",
+    "jacob_coefficients",
+    "Rejuvenation",
+]
 
 
-def jacob_coefficients(t, met, k: int, m: int):
+def jacob_coefficients(t: Any, met: Any, k: int, m: int) -> tuple[jax.Array, jax.Array]:
     r"""Weights of h(X_t) and of h(Y_{t-1}) in H_{k:m} at time t (arrays broadcast).
 
     alpha_t = 1[k <= t <= m] / (m-k+1) + 1[k+1 <= t < tau] min(1, (t-k)/(m-k+1))
@@ -69,29 +83,119 @@ class _LoopState(NamedTuple):
     grads: Any  # params-shaped accumulator
 
 
+@dataclasses.dataclass(frozen=True)
+class LoopOptions:
+    r"""How the unbiased estimator schedules its coupled iterations. For benchmarking: every
+    setting gives the same estimate for the same key (up to the order of floating-point sums,
+    tested), only the time and ``num_log_joint_evals`` differ. The defaults are the fastest
+    measured configuration on the backend in use.
+
+    Attributes:
+      num_slots: ``"auto"`` (default): the work queue with B*C/4 slots on CPU, the plain loop on
+        accelerators (:func:`auto_num_slots`), resolved from the batch when the estimator is
+        traced; the plain loop too with ``rejuvenation`` or ``unroll > 1``, which need it.
+        ``None``: the plain loop, all B*C lanes advanced together until the slowest has met (the
+        fewest sequential iterations, wall time following the batch-MAX number of iterations).
+        An int P: a work queue of P slots refilled as lanes finish
+        (:mod:`vaeml_jax.estimators._scheduled`), whose work follows the batch-MEAN number of
+        iterations.
+      slot_cascade: with the work queue, shrink it to P/2, P/4, ..., 1 slots (live lanes
+        compacted) once it is empty and the live lanes fit, so that the tail of the meeting
+        times runs at the width-1 cost (default True; False keeps P slots to the end).
+      deferred_backward: with the work queue, stages of at most 4 slots run forward passes only
+        and take their backward passes in batches (default True): on a CPU a backward pass over a
+        few atoms costs 2-3x per atom what a batched one does. Their atoms are evaluated twice
+        (counted in ``num_log_joint_evals``).
+      unroll: U >= 1 coupled iterations per ``while_loop`` step of the plain loop (default 1).
+        On an accelerator an iteration at training batch sizes is launch-latency bound, and each
+        loop step also pays its condition's device-to-host round trip; U > 1 pays that once per U
+        iterations, at the price of up to U - 1 extra iterations at the end, fully masked
+        (counted in ``num_log_joint_evals``). Plain loop only.
+
+    What ``"auto"`` picks, and the measurements behind it, are in benchmarks/RESULTS.md.
+    """
+
+    num_slots: int | Literal["auto"] | None = "auto"
+    slot_cascade: bool = True
+    deferred_backward: bool = True
+    unroll: int = 1
+
+
+def auto_num_slots(num_lanes: int, backend: str | None = None) -> int | None:
+    """What ``LoopOptions(num_slots="auto")`` resolves to for ``num_lanes`` = B*C lanes.
+
+    On CPU a work queue of ``max(1, num_lanes // 4)`` slots: an iteration there costs in
+    proportion to its lanes, and the queue's cost follows the batch-mean number of coupled
+    iterations instead of the max (measured 5-10x faster at batch 100, the same estimate). On
+    accelerators (``"gpu"``, ``"tpu"``, ...) None, the plain loop: an iteration over all lanes
+    costs about what one over a few does, and the plain loop runs the fewest sequential
+    iterations. ``backend`` defaults to ``jax.default_backend()``.
+    """
+    num_lanes = _common.check_int("num_lanes", num_lanes, 1)
+    if (backend or jax.default_backend()) != "cpu":
+        return None
+    return max(1, num_lanes // 4)
+
+
+def _check_loop(loop: LoopOptions | None, rejuvenation: Rejuvenation | None) -> LoopOptions:
+    if loop is None:
+        loop = LoopOptions()
+    if not isinstance(loop, LoopOptions):
+        raise TypeError(
+            "loop must be None or vaeml_jax.estimators.LoopOptions(num_slots=..., ...), "
+            f"got {type(loop).__name__}."
+        )
+    num_slots = loop.num_slots
+    if isinstance(num_slots, str):
+        if num_slots != "auto":
+            raise ValueError(f"num_slots must be 'auto', None or an int >= 1, got {num_slots!r}.")
+    elif num_slots is not None:
+        num_slots = _common.check_int("num_slots", num_slots, 1)
+    if not isinstance(loop.slot_cascade, bool):
+        raise TypeError(f"slot_cascade must be a bool, got {loop.slot_cascade!r}.")
+    if not isinstance(loop.deferred_backward, bool):
+        raise TypeError(f"deferred_backward must be a bool, got {loop.deferred_backward!r}.")
+    unroll = _common.check_int("unroll", loop.unroll, 1)
+    if unroll > 1 and isinstance(num_slots, int):
+        raise ValueError(
+            f"unroll={unroll} applies to the plain loop (num_slots=None); the work queue's stages "
+            "have their own sizes: leave unroll=1 with num_slots."
+        )
+    if rejuvenation is not None and isinstance(num_slots, int):
+        raise ValueError(
+            "rejuvenation runs in the plain loop only: pass loop=LoopOptions(num_slots=None) (the "
+            "work queue does not move kept particles)."
+        )
+    if num_slots == "auto" and (rejuvenation is not None or unroll > 1):
+        num_slots = None  # both need the plain loop
+    return dataclasses.replace(loop, num_slots=num_slots, unroll=unroll)
+
+
 def make_unbiased_grad(
     model: LatentVariableModel,
+    *,
     num_particles: int = 10,
     k: int = 0,
     m: int = 0,
     num_chains: int = 1,
     max_iters: int = 1000,
-    encoder_objective: str | None = "iwae",
-    num_slots: int | None = None,
-    rejuvenation: Rejuvenation | None = None,
+    encoder_objective: EncoderObjective | None = "iwae",
     encoder_particles: int | None = None,
-    slot_cascade: bool = True,
-    deferred_backward: bool = True,
-    unroll: int = 1,
-):
-    r"""Build the unbiased estimator of the log-likelihood gradient.
+    rejuvenation: Rejuvenation | None = None,
+    loop: LoopOptions | None = None,
+) -> GradientEstimator:
+    r"""Build the unbiased estimator of the gradient of the loss -(1/B) \sum_i \log p(x_i).
+
+    ``grads, info = make_unbiased_grad(model)(params, x, key)``: on theta ``grads`` is an
+    unbiased estimate of -\nabla_\theta (1/B) \sum_i \log p_\theta(x_i), the gradient of the
+    LOSS (descent-ready for optax; negate it for \nabla \log p).
 
     Variance. Unbiased is not low-variance: meeting times have a power-law tail (P(tau > t) ~
     t^-alpha, alpha ~1.3-1.8 measured on MNIST), so the decoder gradient's variance was 600-2,000x
     IWAE-S's at the same S after 300 steps; larger S shortens the tail, small (k, m) windows do not.
 
     Args:
-      model: a :class:`LatentVariableModel`.
+      model: a :class:`LatentVariableModel` (the only positional argument).
       num_particles: S >= 2, particles of the CIS kernel (the IWAE's number of samples).
       k, m: 0 <= k <= m, the window of H_{k:m}. ``k = m = 0`` (the default) is the cheapest:
         the IWAE gradient plus its bias correction. Larger k makes the correction vanish more
@@ -120,47 +224,35 @@ def make_unbiased_grad(
         ``"iwae_dreg"`` while the chains use S = 10) draws K particles of its own from
         independent keys: B*C*K extra ``log_joint`` evaluations, counted in
         ``num_log_joint_evals``.
-      num_slots: None (default) advances all B*C lanes together until the slowest has met: the
-        fewest sequential iterations, best on accelerators. An int P runs a work queue of P slots
-        refilled as lanes finish (:mod:`vaeml_jax.estimators._scheduled`): the work then follows
-        the batch-MEAN number of iterations instead of the max, best on CPUs (try P ~ B*C/4).
-        Both give the same estimate for the same key, up to floating-point summation order.
-      slot_cascade: with ``num_slots``, shrink the queue to P/2, P/4, ..., 1 slots (live lanes
-        compacted) once it is empty and the live lanes fit, so that the tail of the meeting times
-        runs at the width-1 cost (default True; False keeps P slots to the end). Same estimate.
-      deferred_backward: with ``num_slots``, stages of at most 4 slots run forward passes only
-        and take their backward passes in batches (default True): on a CPU a backward pass over a
-        few atoms costs 2-3x per atom what a batched one does. Their atoms are evaluated twice
-        (counted in ``num_log_joint_evals``). Same estimate up to summation order.
-      unroll: U >= 1 coupled iterations per ``while_loop`` step of the plain loop (default 1).
-        On an accelerator an iteration at training batch sizes is launch-latency bound, and each
-        loop step also pays its condition's device-to-host round trip; U > 1 pays that once per U
-        iterations, at the price of up to U - 1 extra iterations at the end, fully masked (they
-        change nothing and are counted in ``num_log_joint_evals``). Same estimate. Plain loop
-        only (``num_slots=None``). See benchmarks/RESULTS.md for what it was measured to give.
       rejuvenation: None (plain CIS) or a :class:`Rejuvenation`: between the resampling and the
         refresh, both chains' kept particles are moved by MALA with common random numbers and a
         reflection-maximal coupled random-walk step (posterior-invariant, so still unbiased), so
         that kept particles of high weight can meet without waiting for a shared fresh proposal.
         Costs ``2 (1 + num_steps + 1)`` more log_joint evaluations (with gradients in z) per
-        iteration and lane (counted in ``num_log_joint_evals``). Plain loop only
-        (``num_slots=None``). Measured on MNIST (benchmarks/RESULTS.md, variance_options.py):
+        iteration and lane (counted in ``num_log_joint_evals``). Runs in the plain loop
+        (``"auto"`` picks it). Measured on MNIST (benchmarks/RESULTS.md, variance_options.py):
         with MALA steps it makes meeting much SLOWER there (posterior-typical kept particles
         outweigh the fresh proposals); it helps on low-dimensional targets.
+      loop: None (default: ``LoopOptions()``, the fastest measured schedule on the backend in
+        use: a work queue on CPU, the plain loop on accelerators) or a :class:`LoopOptions`.
+        Every setting gives the same estimate; only the time differs.
 
     Returns:
-      ``unbiased_grad(params, x, key) -> (grads, info)`` for a batch x of shape (B, ...):
+      A :class:`GradientEstimator`: ``unbiased_grad(params, x, key) -> (grads, info)``, a
+      :class:`LossGradient`, for a batch x of shape (B, ...):
 
       * ``grads`` (structure of ``params``): on theta an unbiased estimate of the gradient of the
-        LOSS -(1/B) \sum_i \log p_\theta(x_i) (descent-ready for optax); on phi the gradient of the
-        encoder objective's loss; a parameter read by both functions gets the sum.
-      * ``info``: ``meeting_time`` (B, C) int, tau per example and chain (for capped lanes a lower
-        bound, the last t + 1); ``num_iters`` (B, C) coupled iterations, each advancing both chains
-        once; ``capped`` (B, C) bool; ``num_log_joint_evals`` () int, evaluations executed for the
-        batch, masked lanes included (B C (2S + (S+1) * loop iterations), + B C K for an
-        encoder objective with its own K draws; with ``num_slots``, B C S + (S+1) * (slot
-        iterations + rows re-evaluated for deferred backward passes)); ``bound`` (B,) the
-        IWAE-S bound log (1/S) sum_s w_s of X_0 (averaged over chains) for monitoring.
+        LOSS -(1/B) \sum_i \log p_\theta(x_i) (descent-ready for optax); on phi the gradient of
+        the encoder objective's loss; a parameter read by both functions gets the sum.
+      * ``info``: a :class:`GradientInfo`: ``meeting_time`` (B, C) int, tau per example and
+        chain (for capped lanes a lower bound, the last t + 1); ``num_iters`` (B, C) coupled
+        iterations, each advancing both chains once; ``capped`` (B, C) bool;
+        ``num_log_joint_evals`` () int, evaluations executed for the batch, masked lanes
+        included (plain loop: B C (2S + (S+1) * loop iterations), + B C K for an encoder
+        objective with its own K draws; work queue: B C S + (S+1) * (slot iterations + rows
+        re-evaluated for deferred backward passes)); ``bound`` (B,) the IWAE-S bound
+        log (1/S) sum_s w_s of X_0 (averaged over chains) for monitoring; ``ess``,
+        ``log1p_chi2``, ``log_weight_std`` (B,) the importance diagnostics of X_0's weights.
 
     The function is pure: it works under ``jax.jit``, ``jax.vmap`` and inside ``jax.grad`` of
     surrounding code, in float32 and float64, for any latent shape.
@@ -183,29 +275,20 @@ def make_unbiased_grad(
     inclusive = encoder_objective == "inclusive_kl"
     reparam_objective = encoder_objective in _common.REPARAM_OBJECTIVES
 
-    if num_slots is not None:
-        num_slots = _common.check_int("num_slots", num_slots, 1)
-    if not isinstance(slot_cascade, bool):
-        raise TypeError(f"slot_cascade must be a bool, got {slot_cascade!r}.")
-    if not isinstance(deferred_backward, bool):
-        raise TypeError(f"deferred_backward must be a bool, got {deferred_backward!r}.")
-    unroll = _common.check_int("unroll", unroll, 1)
-    if unroll > 1 and num_slots is not None:
-        raise ValueError(
-            f"unroll={unroll} applies to the plain loop (num_slots=None); the work queue's stages "
-            "have their own sizes: leave unroll=1 with num_slots."
-        )
     rejuvenation = _rejuvenation.check_rejuvenation(rejuvenation)
-    if rejuvenation is not None and num_slots is not None:
-        raise ValueError(
-            "rejuvenation runs in the plain loop only: pass num_slots=None (the work queue does "
-            "not move kept particles)."
-        )
+    loop = _check_loop(loop, rejuvenation)
+    unroll = loop.unroll
     rej_init, rej_coupled = _rejuvenation.extra_evals(rejuvenation)
 
-    def unbiased_grad(params, x, keys):
+    def resolved_num_slots(batch_size: int) -> int | None:
+        if loop.num_slots == "auto":
+            return auto_num_slots(batch_size * C)
+        return loop.num_slots
+
+    def unbiased_grad(params: Any, x: jax.Array, keys: jax.Array) -> LossGradient:
+        num_slots = resolved_num_slots(x.shape[0])
         if num_slots is not None:
-            return _scheduled.scheduled_estimate(
+            grads, info = _scheduled.scheduled_estimate(
                 model,
                 params,
                 x,
@@ -222,9 +305,10 @@ def make_unbiased_grad(
                 coefficients_fn=jacob_coefficients,
                 atom_coefficients_fn=_atom_coefficients,
                 encoder_particles=K if own_draws else None,
-                cascade=slot_cascade,
-                deferred_backward=deferred_backward,
+                cascade=loop.slot_cascade,
+                deferred_backward=loop.deferred_backward,
             )
+            return LossGradient(grads, info)
         B = x.shape[0]
         scale = -1.0 / (B * C)  # loss = -(1/B) sum_i mean_c H_{k:m}
         split = jax.vmap(jax.vmap(lambda kk: jax.random.split(kk, 4)))(keys)
@@ -367,8 +451,10 @@ def make_unbiased_grad(
             * (2 * S + rej_init + (S + 1 + rej_coupled) * final.iteration + (K if own_draws else 0))
         )
         info = _common.base_info(B, C, bound, evals, lw_x0)
-        info.update(meeting_time=meeting_time, num_iters=final.t - 1, capped=capped)
-        return final.grads, info
+        info["meeting_time"] = meeting_time
+        info["num_iters"] = final.t - 1
+        info["capped"] = capped
+        return LossGradient(final.grads, info)
 
     return _common.GradientEstimator("unbiased", C, unbiased_grad, model)
 

@@ -3,6 +3,8 @@ estimator (:func:`make_estimator`)."""
 
 from __future__ import annotations
 
+from typing import Any, cast
+
 import numpy as np
 
 from vaeml_jax.training.config import ConfigError, TrainConfig, parse_rejuvenation
@@ -10,7 +12,7 @@ from vaeml_jax.training.config import ConfigError, TrainConfig, parse_rejuvenati
 __all__ = ["load_data", "build_vae", "make_estimator"]
 
 
-def load_data(config: TrainConfig, data_dir: str | None = None):
+def load_data(config: TrainConfig, data_dir: str | None = None) -> tuple[Any, bool, np.ndarray]:
     """``(dataset, binarize_train, test_x)`` for a resolved config.
 
     ``binarize_train``: whether :func:`vaeml_jax.data.epoch_batches` redraws Bernoulli pixels
@@ -31,7 +33,7 @@ def load_data(config: TrainConfig, data_dir: str | None = None):
     return dataset, not dataset.binarized, test_x
 
 
-def build_vae(config: TrainConfig):
+def build_vae(config: TrainConfig) -> Any:
     """The VAE of ``config`` (vaeml_jax.models)."""
     from vaeml_jax.models import VAE, VAEConfig
 
@@ -48,16 +50,17 @@ def build_vae(config: TrainConfig):
     )
 
 
-def make_estimator(config: TrainConfig, model):
+def make_estimator(config: TrainConfig, model: Any) -> Any:
     """The gradient estimator ``grads, info = f(params, x, key)`` chosen by ``config``."""
     import vaeml_jax as vj
 
-    enc = None if config.encoder_objective == "none" else config.encoder_objective
+    # Validated strings (TrainConfig.validate): the constructors' Literal types by construction.
+    enc: Any = None if config.encoder_objective == "none" else config.encoder_objective
     k_enc = config.encoder_particles
     own = {} if k_enc is None else {"encoder_particles": k_enc}  # the objective's own draws
     if config.estimator == "elbo":
         return vj.make_elbo_grad(
-            model, encoder_objective=enc, num_samples=config.num_particles, **own
+            model, num_particles=config.num_particles, encoder_objective=enc, **own
         )
     if config.estimator == "iwae":
         return vj.make_iwae_grad(
@@ -84,8 +87,8 @@ def make_estimator(config: TrainConfig, model):
             rejuvenation=(
                 None if config.rejuvenation is None else parse_rejuvenation(config.rejuvenation)
             ),
+            loop=vj.LoopOptions(num_slots=cast(Any, config.num_slots)),
             **own,
-            **({} if config.num_slots is None else {"num_slots": config.num_slots}),
         )
     if config.estimator == "sumo":
         from vaeml_jax.estimators.sumo import make_sumo_grad

@@ -11,8 +11,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import math
-
-import jax
+from typing import Any
 
 __all__ = [
     "TrainConfig",
@@ -382,15 +381,17 @@ class TrainConfig:
 
 
 def _auto_num_slots(cfg: TrainConfig) -> int | None:
-    """The unbiased estimator's loop: a work queue of B*C/4 slots on CPU (its cost follows the
-    batch-mean number of coupled iterations, 3-6x faster there at the same estimate), the plain
-    all-lanes loop on accelerators (fewest sequential iterations)."""
-    if cfg.estimator != "unbiased" or jax.default_backend() != "cpu":
+    """The unbiased estimator's loop: the library's rule
+    (:func:`vaeml_jax.estimators.auto_num_slots`), a work queue of B*C/4 slots on CPU and the
+    plain all-lanes loop on accelerators, written into the config so that the run records it."""
+    from vaeml_jax.estimators import auto_num_slots
+
+    if cfg.estimator != "unbiased":
         return None
-    return max(1, cfg.batch_size * cfg.num_chains // 4)
+    return auto_num_slots(cfg.batch_size * cfg.num_chains)
 
 
-def parse_rejuvenation(value):
+def parse_rejuvenation(value: Any) -> Any:
     """``"STEPS,STEP_SIZE,MEET_SCALE"`` (e.g. ``"3,0.5,0.3"``) -> vaeml_jax.Rejuvenation."""
     from vaeml_jax.estimators import Rejuvenation
     from vaeml_jax.estimators._rejuvenation import check_rejuvenation
