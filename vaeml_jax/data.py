@@ -619,7 +619,7 @@ def _load_local(name: str, root: Path, verify: bool, looked: list[str]) -> Datas
 
 
 def _load_package_mnist(verify: bool) -> Dataset | None:
-    base = importlib.resources.files("vaeml_jax").joinpath("_data", "mnist")
+    base = importlib.resources.files("vaeml_jax").joinpath("_data").joinpath("mnist")
     arrays = []
     for part, basename in (("train", _IDX_TRAIN), ("test", _IDX_TEST)):
         resource = base.joinpath(basename + ".gz")

@@ -295,7 +295,7 @@ def process_rows(rows: int, mesh: Mesh) -> slice:
 # ------------------------------------------------------------------ placing data
 
 
-def shard_batch(x, mesh: Mesh):
+def shard_batch(x: Any, mesh: Mesh) -> jax.Array:
     """Place an array with the leading (batch) axis sharded over the mesh.
 
     With several processes, every process passes the same ``x`` (the whole batch) and keeps the
@@ -309,7 +309,7 @@ def shard_batch(x, mesh: Mesh):
     return jax.make_array_from_process_local_data(sharding, x[rows], x.shape)
 
 
-def shard_batches(batches, mesh: Mesh):
+def shard_batches(batches: Any, mesh: Mesh) -> jax.Array:
     """Place an epoch of batches (steps, B, ...) with the batch axis (axis 1) sharded.
 
     With several processes, every process passes the same epoch (derived from the seed) and keeps
@@ -323,7 +323,7 @@ def shard_batches(batches, mesh: Mesh):
     return jax.make_array_from_process_local_data(sharding, batches[:, rows], batches.shape)
 
 
-def replicate(tree, mesh: Mesh):
+def replicate(tree: Any, mesh: Mesh) -> Any:
     """Place a pytree replicated on every device of the mesh.
 
     With several processes every process passes the same values (built from the same seed, or
@@ -346,7 +346,7 @@ def replicate(tree, mesh: Mesh):
     return jax.tree.map(leaf, tree)
 
 
-def to_host(tree):
+def to_host(tree: Any) -> Any:
     """Every leaf of ``tree`` as a numpy array, whole, on every process.
 
     Arrays split over several processes are gathered (a collective: every process must call
@@ -448,7 +448,9 @@ def _is_global(x: Any) -> bool:
     )
 
 
-def data_parallel(estimator: GradientEstimator, mesh: Mesh):
+def data_parallel(
+    estimator: GradientEstimator, mesh: Mesh
+) -> Callable[[Any, jax.Array, jax.Array], tuple[Any, dict]]:
     """Wrap an estimator so its batch is split over ``mesh``: ``grads, info = f(params, x, key)``.
 
     Same contract as the estimator itself (grads of the batch-mean loss, per-example info), with

@@ -98,7 +98,7 @@ def exact_log_likelihood(ground_truth: GroundTruth, params: Params, x: Array) ->
     return jnp.mean(ground_truth.log_likelihood(params, x))
 
 
-def make_exact_grad(ground_truth: GroundTruth):
+def make_exact_grad(ground_truth: GroundTruth) -> Callable[..., tuple[Any, dict]]:
     r"""The exact gradient behind the estimators' interface: ``grads, info = fn(params, x, key)``.
 
     :math:`\text{grads} = \nabla_\text{params} [-(1/B) \sum_i \log p_\theta(x_i)]` with the
@@ -240,7 +240,7 @@ def ppca_log_likelihood(params: Params, x: Array) -> Array:
     return -0.5 * (jnp.sum(r**2, axis=0) + logdet + D * _LOG_2PI)
 
 
-def ppca_ml_fit(x: Array, latent_dim: int) -> dict:
+def ppca_ml_fit(x: Array | np.ndarray, latent_dim: int) -> dict:
     r"""The closed-form maximum-likelihood fit (Tipping & Bishop 1999) of pPCA to data x (N, D).
 
     Returns a dict with ``W`` (D, d) = U_d (\Lambda_d - s^2 I)^{1/2} (the rotation R = I),
@@ -319,7 +319,9 @@ class QuadratureGrid(NamedTuple):
     log_w: Array
 
 
-def uniform_grid(latent_dim: int = 2, num_per_axis: int = 100, half_width: float = 5.0):
+def uniform_grid(
+    latent_dim: int = 2, num_per_axis: int = 100, half_width: float = 5.0
+) -> QuadratureGrid:
     r"""Midpoint rule on [-L, L]^d with n points per axis, weighted by the prior density.
 
     Nodes z_g = -L + (i + 1/2) h per axis, h = 2L/n; \log w_g = \log N(z_g; 0, I_d) + d \log h.
@@ -496,7 +498,9 @@ class FitResult(NamedTuple):
     log_joint_evals: Array
 
 
-def robbins_monro(lr: float, decay_steps: float = 100.0, power: float = 0.6):
+def robbins_monro(
+    lr: float, decay_steps: float = 100.0, power: float = 0.6
+) -> Callable[[Any], Any]:
     r"""The step-size schedule \gamma_t = lr / (1 + t / t_0)^\kappa, \kappa = ``power``.
 
     For 1/2 < \kappa <= 1, \sum_t \gamma_t = \infty and \sum_t \gamma_t^2 < \infty (Robbins-Monro):

@@ -41,7 +41,9 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def plot_training_curves(metrics: list[dict], path: str | Path, final_eval: dict | None = None):
+def plot_training_curves(
+    metrics: list[dict], path: str | Path, final_eval: dict | None = None
+) -> Path:
     """Six panels of the per-epoch ``metrics.jsonl`` records; returns the PNG's path.
 
     Objective (and test log-likelihood), meeting times, capped lanes, ESS, the meeting-time tail

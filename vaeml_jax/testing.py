@@ -8,6 +8,7 @@ gradient of a Gaussian proposal q(z|x) = N(A x + c, diag(sigma^2)) are exact.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -57,8 +58,12 @@ def linear_gaussian_model() -> LatentVariableModel:
 
 
 def linear_gaussian_params(
-    key, data_dim: int = 3, latent_dim: int = 2, dtype=jnp.float32, proposal_quality: float = 0.5
-):
+    key: jax.Array,
+    data_dim: int = 3,
+    latent_dim: int = 2,
+    dtype: Any = jnp.float32,
+    proposal_quality: float = 0.5,
+) -> dict[str, dict[str, jax.Array]]:
     """Random decoder; an encoder equal to the exact posterior's mean map, perturbed.
 
     ``proposal_quality`` in [0, 1]: 1 gives the exact posterior mean and std (perfect proposal),
@@ -86,13 +91,13 @@ def _posterior_maps(dec):
     return A, -A @ b, cov
 
 
-def linear_gaussian_posterior(params, x):
+def linear_gaussian_posterior(params: Any, x: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Mean (d,) and covariance (d, d) of p(z | x)."""
     A, c, cov = _posterior_maps(params["decoder"])
     return A @ x + c, cov
 
 
-def linear_gaussian_log_marginal(params, x):
+def linear_gaussian_log_marginal(params: Any, x: jax.Array) -> jax.Array:
     """log p(x) = log N(x; b, W W^T + s^2 I) for one example x (D,)."""
     dec = params["decoder"]
     W, b, s2 = dec["W"], dec["b"], jnp.exp(2 * dec["log_s"])
@@ -103,7 +108,7 @@ def linear_gaussian_log_marginal(params, x):
     return -0.5 * (r @ jnp.linalg.solve(cov, r) + logdet + D * math.log(2 * math.pi))
 
 
-def linear_gaussian_inclusive_kl_grad(params, x):
+def linear_gaussian_inclusive_kl_grad(params: Any, x: jax.Array) -> Any:
     """Exact gradient in params["encoder"] of KL(p(z|x) || q(z|x)) = -E_post[log q] + const."""
     mean_p, cov_p = linear_gaussian_posterior(jax.lax.stop_gradient(params), x)
 
@@ -116,7 +121,7 @@ def linear_gaussian_inclusive_kl_grad(params, x):
     return jax.grad(neg_expected_log_q)(params["encoder"])
 
 
-def linear_gaussian_log_second_moment(params, x):
+def linear_gaussian_log_second_moment(params: Any, x: jax.Array) -> jax.Array:
     r"""log E_q[w^2] = log \int p(x, z)^2 / q(z|x) dz in closed form, for one example x (D,).
 
     With p(z|x) = N(m_p, P) and q = N(m_q, Q): 2 log p(x) - log|P| + (1/2) log|Q|

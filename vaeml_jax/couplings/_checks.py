@@ -53,7 +53,8 @@ def flat_scale(name: str, scale, position) -> jax.Array:
     if not jax.tree.leaves(scale):
         raise ValueError(f"{name} is empty.")
     pos_def = jax.tree.structure(position)
-    if not jax.tree_util.treedef_is_leaf(pos_def) and jax.tree.structure(scale) == pos_def:
+    same_structure = bool(jax.tree.structure(scale) == pos_def)  # type: ignore[operator]
+    if not jax.tree_util.treedef_is_leaf(pos_def) and same_structure:
         try:
             leaves = jax.tree.map(
                 lambda s, p: jnp.broadcast_to(jnp.asarray(s, p.dtype), jnp.shape(p)),

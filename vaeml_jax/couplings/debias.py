@@ -115,7 +115,7 @@ class SignedMeasure(NamedTuple):
     capped: jax.Array
 
 
-def coefficients(t, met, k: int, m: int, lag: int):
+def coefficients(t: Any, met: Any, k: int, m: int, lag: int) -> tuple[jax.Array, jax.Array]:
     r"""Weights (alpha_t, beta_t) of h(X_t) and of h(Y_{t-L}) in H_{k:m} at time t.
 
     .. math::
@@ -155,7 +155,7 @@ def _check_common(single_step, coupled_step, rinit, k, m, lag, max_iters):
     return check_window(k, m, lag, max_iters)
 
 
-def check_window(k, m, lag, max_iters):
+def check_window(k: int, m: int, lag: int, max_iters: int) -> tuple[int, int, int, int]:
     """Validate (k, m, lag, max_iters): ints, 0 <= k <= m, lag >= 1, max_iters >= max(m, 1)."""
     k = _checks.check_int("k", k, 0)
     m = _checks.check_int("m", m, 0)
@@ -336,7 +336,7 @@ def evaluate_signed_measure(measure: SignedMeasure, h: Callable) -> PyTree:
     return jax.tree.map(jnp.add, hx, hy)
 
 
-def run_pairs(fn: Callable, key, num_pairs: int):
+def run_pairs(fn: Callable[[jax.Array], Any], key: jax.Array, num_pairs: int) -> Any:
     """``vmap(fn)`` over ``num_pairs`` independent keys split from ``key`` (jit the result)."""
     num_pairs = _checks.check_int("num_pairs", num_pairs, 1)
     return jax.vmap(fn)(jax.random.split(key, num_pairs))

@@ -34,7 +34,7 @@ def leapfrog(
     step_size,
     num_steps: int,
     inverse_mass: jax.Array,
-):
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """``num_steps`` leapfrog steps from (x, p) with current gradient ``grad`` (all (d,)).
 
     ``value_and_grad_fn(flat_x) -> (log pi, grad)``. Returns ``(x, p, logdensity, grad)`` at the

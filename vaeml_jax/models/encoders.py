@@ -168,7 +168,8 @@ def made_masks(d: int, hidden: tuple[int, ...]) -> tuple[np.ndarray, ...]:
 
 def _masked(layer: nnx.Linear, mask: np.ndarray, h: Array) -> Array:
     kernel = layer.kernel[...]
-    return h @ (kernel * jnp.asarray(mask, kernel.dtype)) + layer.bias[...]
+    bias = layer.bias[...]  # type: ignore[index]  # nnx.Linear types its bias Optional
+    return h @ (kernel * jnp.asarray(mask, kernel.dtype)) + bias
 
 
 class MADE(nnx.Module):
@@ -191,7 +192,8 @@ class MADE(nnx.Module):
 
     def __call__(self, z: Array, h: Array) -> tuple[Array, Array]:
         masks = made_masks(self.d, self.hidden)
-        a = _masked(self.masked_0, masks[0], z) + self.context(h)
+        first = getattr(self, "masked_0")  # noqa: B009 (layers set by name in __init__)
+        a = _masked(first, masks[0], z) + self.context(h)
         a = self.act_fn(a)
         for i in range(1, len(self.hidden)):
             a = self.act_fn(_masked(getattr(self, f"masked_{i}"), masks[i], a))

@@ -70,7 +70,9 @@ class LatentVariableModel(NamedTuple):
     sample_from_features: Callable[[Params, Any, Array, int], tuple[Array, Array]] | None = None
 
 
-def log_weights(model: LatentVariableModel, params: Params, x: Array, particles: Array):
+def log_weights(
+    model: LatentVariableModel, params: Params, x: Array, particles: Array
+) -> tuple[Array, Array, Array]:
     """Log joint, log proposal and log importance weights of ``particles`` ``(S, *latent)``, one x.
 
     Returns:
@@ -85,7 +87,9 @@ def log_weights(model: LatentVariableModel, params: Params, x: Array, particles:
     return lj, lq, lw
 
 
-def sample_and_log_proposal(model: LatentVariableModel, params: Params, x: Array, key, num: int):
+def sample_and_log_proposal(
+    model: LatentVariableModel, params: Params, x: Array, key: Array, num: int
+) -> tuple[Array, Array]:
     """``num`` draws z ~ q(.|x) for one example and their log q: ``((num, *latent), (num,))``.
 
     One pass with ``model.sample_with_log_proposal`` when the model has it; else
@@ -97,14 +101,18 @@ def sample_and_log_proposal(model: LatentVariableModel, params: Params, x: Array
     return z, jax.vmap(model.log_proposal, in_axes=(None, None, 0))(params, x, z)
 
 
-def proposal_sampler(model: LatentVariableModel):
+def proposal_sampler(
+    model: LatentVariableModel,
+) -> tuple[
+    Callable[[Params, Array], Any], Callable[[Params, Any, Array, int], tuple[Array, Array]]
+]:
     """``(features_fn, sample_fn)`` with ``sample_fn(params, features_fn(params, x), key, num)``
     the draws and log q of :func:`sample_and_log_proposal`.
 
     The model's ``proposal_features`` / ``sample_from_features`` pair when it has one; else the
     features are x itself and ``sample_fn`` is :func:`sample_and_log_proposal`.
     """
-    if model.proposal_features is not None:
+    if model.proposal_features is not None and model.sample_from_features is not None:
         return model.proposal_features, model.sample_from_features
 
     def sample_fn(params, x, key, num):
@@ -183,10 +191,11 @@ def check_batch(model: LatentVariableModel, params: Params, x: Any) -> tuple:
             z.shape,
             x.shape[1:],
         )
-    if model.proposal_features is not None:
+    features_fn, from_features = model.proposal_features, model.sample_from_features
+    if features_fn is not None and from_features is not None:
         _check_draws_with_log_q(
             "sample_from_features(params, proposal_features(params, x), key, num)",
-            lambda p, xx, kk: model.sample_from_features(p, model.proposal_features(p, xx), kk, 2),
+            lambda p, xx, kk: from_features(p, features_fn(p, xx), kk, 2),
             (params, x0, k0),
             z.shape,
             x.shape[1:],

@@ -506,7 +506,9 @@ def first_bad_step(host: dict) -> int | None:
     return int(bad[0]) if bad.size else None
 
 
-def check_finite(host: dict, epoch: int, steps: int, lr: float, good: int | None, where: Path):
+def check_finite(
+    host: dict, epoch: int, steps: int, lr: float, good: int | None, where: Path
+) -> None:
     """Raise :class:`TrainingDiverged` if a step of 0-based ``epoch`` was not finite.
 
     ``good``: the epoch of the last saved checkpoint (None if none), in ``where``.

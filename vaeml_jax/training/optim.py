@@ -8,6 +8,8 @@ schedule of an uninterrupted one and one compiled train step serves every learni
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax.numpy as jnp
 import optax
 
@@ -53,7 +55,7 @@ def make_optimizer(config: TrainConfig | None = None) -> optax.GradientTransform
     return optax.inject_hyperparams(optax.adam)(learning_rate=lr)
 
 
-def set_learning_rate(opt_state, lr: float):
+def set_learning_rate(opt_state: Any, lr: float) -> Any:
     """``opt_state`` of :func:`make_optimizer` with its learning rate replaced by ``lr``."""
     hp = dict(opt_state.hyperparams)
     hp["learning_rate"] = jnp.asarray(lr, dtype=jnp.float32)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import jax
 import numpy as np
@@ -198,7 +199,9 @@ def save_meeting_times(run_dir: Path, meeting_time: np.ndarray) -> None:
     save_npy_atomic(run_dir / MEETING_TIMES_FILE, meeting_time.reshape(-1, meeting_time.shape[-1]))
 
 
-def load_run(run_dir: str | Path, epoch: int | None = None, *, mesh=None):
+def load_run(
+    run_dir: str | Path, epoch: int | None = None, *, mesh: Any = None
+) -> tuple[Any, Any, Any, int]:
     """Load a trained run: ``(config, vae, params, epoch)`` from its config and a checkpoint.
 
     ``epoch=None`` takes the latest readable checkpoint. The parameters come back on this
