@@ -73,7 +73,7 @@ class LossGradient(NamedTuple):
 
     Attributes:
       grads: the structure of ``params``: the gradient of the LOSS, on theta (the parameters
-        ``log_joint`` reads) an estimate of -\nabla_\theta (1/B) \sum_i \log p_\theta(x_i)
+        ``log_joint`` reads) an estimate of :math:`-\nabla_\theta (1/B) \sum_i \log p_\theta(x_i)`
         (unbiased or not, depending on the estimator), on phi (the parameters only the proposal
         reads) the gradient of the encoder objective's loss. Descent-ready: pass it to an optax
         optimiser as is. A parameter read by both gets the sum.

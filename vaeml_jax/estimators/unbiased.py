@@ -14,7 +14,7 @@ With tau = inf{t >= 1 : X_t = Y_{t-1}},
    H_{k:m} = \frac{1}{m-k+1}\sum_{t=k}^{m} h(X_t)
            + \sum_{t=k+1}^{\tau-1} \min\Big(1, \frac{t-k}{m-k+1}\Big) \big(h(X_t) - h(Y_{t-1})\big)
 
-and E[H_{k:m}] = E_{\bar\pi}[h] = \nabla_\theta \log p_\theta(x) exactly: no bound, no bias
+and :math:`E[H_{k:m}] = E_{\bar\pi}[h] = \nabla_\theta \log p_\theta(x)` exactly: no bound, no bias
 (H_0 = h(X_0) + correction, the IWAE gradient plus its bias correction).
 
 Cost. h is linear in \nabla_\theta \log p(x, z) with weights that are constants of the particles, so
@@ -24,7 +24,7 @@ the ``lax.while_loop`` carry. Nothing is re-run to get gradients. The plain loop
 over the whole batch: it runs until the slowest (example, chain) lane is done, finished lanes are
 masked (their states frozen, their coefficients zero), so the wall time follows the batch-max
 number of iterations. On CPU the default is the work queue of
-:mod:`vaeml_jax.estimators._scheduled` instead, whose cost follows the batch-mean number of
+``vaeml_jax.estimators._scheduled`` instead, whose cost follows the batch-mean number of
 iterations; both give the same estimate (:class:`LoopOptions`).
 
 The one source of bias is ``max_iters``: a lane that has not met after ``max_iters`` coupled
@@ -97,7 +97,7 @@ class LoopOptions:
         ``None``: the plain loop, all B*C lanes advanced together until the slowest has met (the
         fewest sequential iterations, wall time following the batch-MAX number of iterations).
         An int P: a work queue of P slots refilled as lanes finish
-        (:mod:`vaeml_jax.estimators._scheduled`), whose work follows the batch-MEAN number of
+        (``vaeml_jax.estimators._scheduled``), whose work follows the batch-MEAN number of
         iterations.
       slot_cascade: with the work queue, shrink it to P/2, P/4, ..., 1 slots (live lanes
         compacted) once it is empty and the live lanes fit, so that the tail of the meeting
@@ -187,8 +187,8 @@ def make_unbiased_grad(
     r"""Build the unbiased estimator of the gradient of the loss -(1/B) \sum_i \log p(x_i).
 
     ``grads, info = make_unbiased_grad(model)(params, x, key)``: on theta ``grads`` is an
-    unbiased estimate of -\nabla_\theta (1/B) \sum_i \log p_\theta(x_i), the gradient of the
-    LOSS (descent-ready for optax; negate it for \nabla \log p).
+    unbiased estimate of :math:`-\nabla_\theta (1/B) \sum_i \log p_\theta(x_i)`, the gradient of
+    the LOSS (descent-ready for optax; negate it for :math:`\nabla \log p`).
 
     Variance. Unbiased is not low-variance: meeting times have a power-law tail (P(tau > t) ~
     t^-alpha, alpha ~1.3-1.8 measured on MNIST), so the decoder gradient's variance was 600-2,000x
@@ -206,9 +206,9 @@ def make_unbiased_grad(
         reported in ``info["capped"]`` and are the only source of bias.
       encoder_objective: what the proposal's parameters phi follow, with theta held fixed:
         ``"iwae"`` (the IWAE-S bound of X_0 by reparameterisation), ``"elbo"`` (ELBO of X_0's S
-        draws), ``"inclusive_kl"`` (an unbiased estimate of \nabla_\phi KL(p(z|x) || q_\phi) =
-        -E_{p(z|x)}[\nabla_\phi \log q_\phi(z|x)], H_{k:m} applied to the same chains: the
-        reweighted-wake-sleep update made unbiased) or None (zeros). The default is ``"iwae"``
+        draws), ``"inclusive_kl"`` (an unbiased estimate of :math:`\nabla_\phi KL(p(z|x) \|
+        q_\phi) = -E_{p(z|x)}[\nabla_\phi \log q_\phi(z|x)]`, H_{k:m} applied to the same chains:
+        the reweighted-wake-sleep update made unbiased) or None (zeros). The default is ``"iwae"``
         from a measured comparison (paper-sized model, 3,000 MNIST images, S=10, same seed, first
         epoch): ``"iwae"`` gave mean/max meeting time 5.6/524, no capped lane and a train bound
         of -208 nats; ``"inclusive_kl"`` 8.5/1002 with 0.1% of lanes capped at 1000 and -227
@@ -242,8 +242,8 @@ def make_unbiased_grad(
       :class:`LossGradient`, for a batch x of shape (B, ...):
 
       * ``grads`` (structure of ``params``): on theta an unbiased estimate of the gradient of the
-        LOSS -(1/B) \sum_i \log p_\theta(x_i) (descent-ready for optax); on phi the gradient of
-        the encoder objective's loss; a parameter read by both functions gets the sum.
+        LOSS :math:`-(1/B) \sum_i \log p_\theta(x_i)` (descent-ready for optax); on phi the
+        gradient of the encoder objective's loss; a parameter read by both functions gets the sum.
       * ``info``: a :class:`GradientInfo`: ``meeting_time`` (B, C) int, tau per example and
         chain (for capped lanes a lower bound, the last t + 1); ``num_iters`` (B, C) coupled
         iterations, each advancing both chains once; ``capped`` (B, C) bool;
