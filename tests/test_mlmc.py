@@ -35,6 +35,7 @@ import numpy as np
 import pytest
 from _stats import REJECT_FACTOR, exact_grads, pass_threshold, toy, z_scores
 
+import vaeml_jax as vj
 from vaeml_jax import testing as T
 from vaeml_jax.estimators import _common
 from vaeml_jax.estimators import mlmc as M
@@ -366,6 +367,8 @@ def test_same_estimate_sharded_over_devices():
         (dict(estimator="single"), ValueError),
         (dict(encoder_objective="sumo_variance"), ValueError),
         (dict(chunk_size=0), ValueError),
+        (dict(encoder_particles=0), ValueError),
+        (dict(encoder_particles=4, encoder_objective="inclusive_kl"), ValueError),
     ],
 )
 def test_bad_arguments(kwargs, err):
@@ -379,6 +382,21 @@ def test_rate_outside_one_two_warns(rate):
     model, _, _ = toy()
     with pytest.warns(UserWarning, match="1 < r < 2"):
         make_mlmc_grad(model, rate=rate)
+
+
+def test_encoder_particles_draw_their_own():
+    """K own draws: theta's part unchanged, phi's from other draws, B K evaluations counted."""
+    model, params, _ = toy(quality=QUALITY)
+    x = jax.random.normal(jax.random.key(3), (4, 3))
+    base = make_mlmc_grad(model, num_particles=N0, max_level=3)
+    own = make_mlmc_grad(model, num_particles=N0, max_level=3, encoder_particles=7)
+    (g0, i0), (g1, i1) = (fn(params, x, jax.random.key(1)) for fn in (base, own))
+    for a, b in zip(jax.tree.leaves(g0["decoder"]), jax.tree.leaves(g1["decoder"]), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(g0["encoder"]["A"], g1["encoder"]["A"])
+    assert int(i1["num_log_joint_evals"]) - int(i0["num_log_joint_evals"]) == 4 * (7 - N0)
+    assert isinstance(vj.make_mlmc_grad(model)(params, x, jax.random.key(0)), vj.LossGradient)
+    assert set(vj.GradientInfo.__annotations__) < set(i1)
 
 
 def test_keyword_only_and_bad_inputs():

@@ -95,7 +95,7 @@ class MLMCInfo(GradientInfo):
 
     Attributes:
       own_log_joint_evals: (B,) int32, the ``log_joint`` evaluations example i's estimate needs
-        on its own, 2 n_0 2^{L_i} (both passes; + n_0 for a reparameterised encoder objective).
+        on its own, 2 n_0 2^{L_i} (both passes; + K for a reparameterised encoder objective).
         ``num_log_joint_evals`` - sum(own_log_joint_evals) is the padding of the last chunk.
     """
 
@@ -240,6 +240,7 @@ def make_mlmc_grad(
     max_level: int = 10,
     estimator: MLMCEstimator = "roulette",
     encoder_objective: MLMCEncoderObjective | None = "iwae",
+    encoder_particles: int | None = None,
     chunk_size: int | None = None,
 ) -> GradientEstimator:
     r"""The MLMC-debiased IWAE gradient (Shi & Cornish, AISTATS 2021) behind the common interface.
@@ -254,7 +255,8 @@ def make_mlmc_grad(
     * ``"iwae"`` (default): the reparameterised IWAE-n_0 bound of each example's first n_0 draws
       (as :func:`make_iwae_grad`); also ``"elbo"``, ``"iwae_dreg"``, ``"chi2"`` on those draws
       (:func:`vaeml_jax.estimators._common.encoder_loss`). These take one more pass over the
-      n_0 draws (B n_0 evaluations, counted).
+      n_0 draws (B n_0 evaluations, counted), or over K draws of their own
+      (``encoder_particles``).
     * ``"inclusive_kl"``: the reweighted-wake-sleep update made unbiased, an estimate of
       :math:`\nabla_\phi KL(p(z|x) \| q_\phi(z|x)) = -E_{p(z|x)}[\nabla_\phi \log q_\phi(z|x)]` by
       the same levels, draws and coefficients applied to :math:`\nabla_\phi \log q(z_s|x)` at fixed
@@ -276,6 +278,9 @@ def make_mlmc_grad(
         ``"single_term"`` (Y_0 + \Delta_L / P(L = l)); same draws, same cost.
       encoder_objective: ``"iwae"``, ``"elbo"``, ``"iwae_dreg"``, ``"chi2"``, ``"inclusive_kl"``
         or None (above).
+      encoder_particles: K >= 1 particles of a reparameterised encoder objective. None (default)
+        reuses each example's first n_0 draws (same keys); another K draws K of its own from
+        independent keys. Either way B K evaluations, counted.
       chunk_size: blocks of n_0 draws per loop step (default None: the batch size B, so a batch
         at level 0 takes one step). Smaller: less padding, more sequential steps.
 
@@ -285,9 +290,9 @@ def make_mlmc_grad(
       (B,) the IWAE-n_0 bound of each example's first n_0 draws (a monitor); ``num_iters`` (B, 1)
       the level min(L_i, L_max); ``capped`` (B, 1) whether L_i exceeded ``max_level``;
       ``meeting_time`` (B, 1) zeros (no chains); ``num_log_joint_evals`` () the evaluations
-      executed for the batch (both passes, the last chunk's padding included, + B n_0 for a
+      executed for the batch (both passes, the last chunk's padding included, + B K for a
       reparameterised encoder objective); ``own_log_joint_evals`` (B,) each example's own share
-      (2 n_0 2^{L_i}, + n_0 for a reparameterised encoder objective), so that executed - sum(own)
+      (2 n_0 2^{L_i}, + K for a reparameterised encoder objective), so that executed - sum(own)
       is the padding; ``ess``, ``log1p_chi2``, ``log_weight_std`` of the first n_0 draws.
 
     The function is pure: it works under ``jax.jit``, ``jax.vmap`` and ``jax.shard_map``
@@ -304,6 +309,7 @@ def make_mlmc_grad(
     if chunk_size is not None:
         chunk_size = _common.check_int("chunk_size", chunk_size, 1)
     n0 = cfg.num_particles
+    K, own_draws = _common.check_encoder_particles(encoder_particles, encoder_objective, n0)
     inclusive = encoder_objective == "inclusive_kl"
     reparam = encoder_objective is not None and not inclusive
     features_fn, sample_fn = proposal_sampler(model)
@@ -389,11 +395,12 @@ def make_mlmc_grad(
         evals = 2 * n0 * chunk * num_chunks
         if reparam:  # the first n_0 draws again, reparameterised (same keys as block 0)
             keys0 = jax.vmap(jax.random.fold_in)(key_z, jnp.zeros((B,), jnp.int32))[:, None]
+            enc_keys = _common.encoder_keys(keys0) if own_draws else keys0
             enc = jax.grad(
-                lambda p: _common.encoder_loss(model, p, x, keys0, n0, encoder_objective)[0]
+                lambda p: _common.encoder_loss(model, p, x, enc_keys, K, encoder_objective)[0]
             )(params)
             grads = jax.tree.map(jnp.add, grads, enc)
-            own, evals = own + n0, evals + B * n0
+            own, evals = own + K, evals + B * K
         info = _common.base_info(B, 1, _common.log_mean_exp(base_lw), evals, base_lw[:, None, :])
         info = MLMCInfo(
             **info,
