@@ -467,3 +467,28 @@ def test_help_groups_the_flags_per_estimator_and_lists_the_choices(capsys):
     assert args.dataset == "fashion_mnist"  # both spellings
     rc, out, _ = run_cli(capsys, "evaluate", "--help")
     assert rc == 0 and "--method {is,ais}" in out
+
+
+def test_compilation_cache_goes_to_the_users_cache_folder(tmp_path, monkeypatch):
+    """Unless JAX was given a cache folder already, vaeml keeps compiled programs in
+    $VAEML_COMPILATION_CACHE, else $XDG_CACHE_HOME/vaeml-jax/xla; `off` turns it off."""
+    old = jax.config.jax_compilation_cache_dir
+    try:
+        monkeypatch.delenv("VAEML_COMPILATION_CACHE", raising=False)
+        monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+        jax.config.update("jax_compilation_cache_dir", None)
+        cli.use_compilation_cache()
+        assert jax.config.jax_compilation_cache_dir == str(tmp_path / "xdg" / "vaeml-jax" / "xla")
+        cli.use_compilation_cache()  # a folder already chosen is left alone
+        monkeypatch.setenv("VAEML_COMPILATION_CACHE", str(tmp_path / "mine"))
+        cli.use_compilation_cache()
+        assert jax.config.jax_compilation_cache_dir == str(tmp_path / "xdg" / "vaeml-jax" / "xla")
+        jax.config.update("jax_compilation_cache_dir", None)
+        cli.use_compilation_cache()
+        assert jax.config.jax_compilation_cache_dir == str(tmp_path / "mine")
+        jax.config.update("jax_compilation_cache_dir", None)
+        monkeypatch.setenv("VAEML_COMPILATION_CACHE", "off")
+        cli.use_compilation_cache()
+        assert jax.config.jax_compilation_cache_dir is None
+    finally:
+        jax.config.update("jax_compilation_cache_dir", old)
