@@ -54,9 +54,9 @@ LIKELIHOODS = ("bernoulli", "gaussian")
 IWAE_SCHEDULE_STAGES = 8
 IWAE_SCHEDULE_EPOCHS = sum(3**i for i in range(IWAE_SCHEDULE_STAGES))
 DEFAULT_EPOCHS = 100
-# A warm start trains with a cheap, low-variance bound first (issue 10): those two estimators.
+# A warm start trains with a cheap, low-variance bound first: those two estimators.
 WARM_START_ESTIMATORS = ("iwae", "elbo")
-# The unbiased estimator's measured recipe (issue 10; benchmarks/RESULTS.md, optimizer study and
+# The unbiased estimator's measured recipe (benchmarks/RESULTS.md, optimizer study and
 # `reproduce.py --preset long_cpu`): IWAE-5 at the run's lr for 4/5 of the epochs, then the
 # unbiased gradient at a 30x smaller Adam step, the one at which its noise no longer undoes the
 # signal. Giving any of RECIPE_FIELDS yourself turns it off (`vaeml train` only).
