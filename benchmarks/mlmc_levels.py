@@ -60,6 +60,11 @@ def parse(argv=None):
     p.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data"))
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--warmup-steps", type=int, default=3000)
+    p.add_argument(
+        "--encoder-objective",
+        default="iwae",
+        help="what trains q during the warm-up (make_iwae_grad's encoder_objective)",
+    )
     p.add_argument("--checkpoints", type=int, nargs="+", default=None, help="default: 0 and W")
     p.add_argument("--num-particles", type=int, default=5, help="n_0")
     p.add_argument("--max-level", type=int, default=6)
@@ -79,10 +84,10 @@ def parse(argv=None):
     return a
 
 
-def train_iwae(vae, params, train, steps_to, seed, log):
-    """IWAE-5 (encoder by the IWAE bound), Adam 1e-3, batch 100, dynamic binarization; yields
-    (step, params) at each step in ``steps_to``."""
-    est = vj.make_iwae_grad(vae.model, num_particles=5)
+def train_iwae(vae, params, train, steps_to, seed, log, encoder_objective="iwae"):
+    """IWAE-5 (encoder by ``encoder_objective``), Adam 1e-3, batch 100, dynamic binarization;
+    yields (step, params) at each step in ``steps_to``."""
+    est = vj.make_iwae_grad(vae.model, num_particles=5, encoder_objective=encoder_objective)
     opt = optax.adam(1e-3)
     state = opt.init(params)
     train = jnp.asarray(train)
@@ -206,7 +211,8 @@ def main(argv=None):
     path.parent.mkdir(parents=True, exist_ok=True)
     for seed in a.seeds:
         params = vae.init(jax.random.key(seed), data_mean=jnp.asarray(train.mean(0)))
-        for step, p, bound in train_iwae(vae, params, train, a.checkpoints, seed, log):
+        warmup = train_iwae(vae, params, train, a.checkpoints, seed, log, a.encoder_objective)
+        for step, p, bound in warmup:
             row = {"seed": seed, "step": step, "train_bound": bound}
             row.update(measure(vae, p, xs, cfg, a, seed, log))
             out["runs"].append(row)
