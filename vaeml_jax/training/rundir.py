@@ -7,6 +7,10 @@
     meeting_times.npy    the last epoch's per-example meeting times, (examples, num_chains) int32
     checkpoints/<epoch>/ Orbax checkpoints (params, Adam state, epoch, config); last few kept
 
+In a run of several processes, process 0 alone writes ``config.json``, ``metrics.jsonl`` and
+``meeting_times.npy``; the checkpoints are written by all of them together (Orbax), into a
+directory they all see.
+
 :func:`prepare_run_dir` decides whether ``--out`` may be written (a fresh directory, or the same
 run with ``--resume``); :func:`load_run` opens a finished or running run for evaluation and plots,
 on whatever devices this process has.
@@ -223,6 +227,12 @@ def load_run(
     vae = build_vae(config)
     params = jax.eval_shape(lambda k: vae.init(k), jax.random.key(0))
     opt_state = jax.eval_shape(make_optimizer(config).init, params)
+    if mesh is not None:
+        replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        params, opt_state = jax.tree.map(
+            lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),
+            (params, opt_state),
+        )
     if not (run_dir / CHECKPOINT_DIR).is_dir():
         raise CheckpointError(
             f"{run_dir} has no checkpoints yet (training has not finished an epoch); "
@@ -234,9 +244,3 @@ def load_run(
     finally:
         ckpt.close()
     return config, vae, state["params"], epoch
-    if mesh is not None:
-        replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-        params, opt_state = jax.tree.map(
-            lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),
-            (params, opt_state),
-        )
