@@ -38,16 +38,18 @@ class GradientInfo(TypedDict):
         estimators (no coupled chains).
       num_iters: (B, C) int32, the iterations each lane ran. Unbiased: coupled iterations (each
         advances both chains once); MCMC: T = ``num_steps`` for every example; SUMO: J, the
-        number of Delta terms used; zeros for ELBO and IWAE.
+        number of Delta terms used; MLMC: the level min(L, ``max_level``); zeros for ELBO and
+        IWAE.
       capped: (B, C) bool. Unbiased: the lane stopped at ``max_iters`` before meeting (its
         correction is truncated: the estimator's one source of bias); SUMO: J was cut at
-        ``max_terms``; False for the others.
+        ``max_terms``; MLMC: L exceeded ``max_level``; False for the others.
       num_log_joint_evals: () int32, the ``log_joint`` evaluations the call executed for the
         whole batch, masked lanes and re-evaluations included (the cost, in model evaluations;
         each estimator's docstring gives its formula).
       bound: (B,) float. ELBO: the per-example ELBO estimate of the draws; IWAE, MCMC and
         unbiased: the IWAE-S bound log (1/S) sum_s w_s of the initial draws (averaged over
-        pairs); SUMO: the SUMO estimate of log p(x_i). For monitoring.
+        pairs) (MLMC: of the first n_0 draws); SUMO: the SUMO estimate of log p(x_i). For
+        monitoring.
       ess: (B,) float32, the effective sample size (sum_s w_s)^2 / sum_s w_s^2 of the initial
         draws' S importance weights, in [1, S]
         (:func:`vaeml_jax.diagnostics.importance_diagnostics`, averaged over pairs); NaN for SUMO
