@@ -53,6 +53,7 @@ def test_estimator_cost_quick_runs(mnist_dir, tmp_path):
         "unbiased",
         "unbiased_init",
         "unbiased_slots2",
+        "unbiased_slotsdefault",  # the library's default loop options
         "coupled_iter_w2",
     }
     assert expected_rows <= set(res["rows"])
