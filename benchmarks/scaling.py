@@ -14,8 +14,8 @@ for the same global batch and the same program, as a ratio of examples/s.
 
     python benchmarks/scaling.py --processes 2 --force-cpu-devices 2 --pairs 3
 
-``--pairs N`` alternates the two N times (compiled once, through a compilation cache) and reports
-each pair's ratio and their median, so a machine whose load drifts still gives a paired ratio.
+``--pairs N`` alternates the two N times and reports each pair's ratio and their median, so a
+machine whose load drifts still gives a paired ratio.
 """
 
 from __future__ import annotations
@@ -164,29 +164,35 @@ def compare_processes(a) -> None:
     )
     import tempfile
 
-    cache = os.environ.get("JAX_COMPILATION_CACHE_DIR") or tempfile.mkdtemp(prefix="vaeml-xla-")
     rows = []
     for processes, devices in ((1, total), (a.processes, per)) * a.pairs:
-        env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=cache)
+        env = dict(os.environ, JAX_PLATFORMS="cpu")
         env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
         env.update(
             JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{_free_port()}", JAX_NUM_PROCESSES=str(processes)
         )
         args = json.dumps({**common, "processes": processes})
+        # output to files, not pipes: a process blocked on a full pipe would stall the others
+        logs = [tempfile.TemporaryFile("w+") for _ in range(processes)]
         procs = [
             subprocess.Popen(
                 [sys.executable, "-c", CHILD, args],
                 env=dict(env, JAX_PROCESS_ID=str(i)),
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
+                stdout=log,
+                stderr=subprocess.STDOUT,
                 text=True,
             )
-            for i in range(processes)
+            for i, log in enumerate(logs)
         ]
-        outs = [p.communicate() for p in procs]
+        for p in procs:
+            p.wait()
+        outs = []
+        for log in logs:
+            log.seek(0)
+            outs.append(log.read())
         if any(p.returncode for p in procs):
-            sys.exit(f"{processes} processes failed:\n{outs[0][1][-3000:]}\n{outs[-1][1][-3000:]}")
-        rows.append(json.loads(outs[0][0].split("RESULT")[-1]))
+            sys.exit(f"{processes} processes failed:\n{outs[0][-3000:]}\n{outs[-1][-3000:]}")
+        rows.append(json.loads(outs[0].split("RESULT")[-1].splitlines()[0]))
     ratios = [
         b["examples_per_second"] / r["examples_per_second"]
         for r, b in zip(rows[::2], rows[1::2], strict=True)
