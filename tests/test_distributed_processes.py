@@ -220,11 +220,19 @@ def test_processes_with_different_options_are_refused(tmp_path, mnist_dir):
     port = _free_port()
     procs = [
         subprocess.Popen(
-            _vaeml("train", *TINY, "--seed", str(i), "--out", str(tmp_path / "run"),
-                   "--distributed"),
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            env=_env(mnist_dir, 2, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
-                     JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i)),
+            _vaeml(
+                "train", *TINY, "--seed", str(i), "--out", str(tmp_path / "run"), "--distributed"
+            ),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=_env(
+                mnist_dir,
+                2,
+                JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+                JAX_NUM_PROCESSES="2",
+                JAX_PROCESS_ID=str(i),
+            ),
         )  # fmt: skip
         for i in range(2)
     ]
