@@ -410,3 +410,48 @@ def test_keyword_only_and_bad_inputs():
         make_mlmc_grad((model.log_joint,))
     with pytest.raises(ValueError, match="non-finite"):
         make_mlmc_grad(model)(params, jnp.stack([x, x]).at[0, 0].set(jnp.nan), jax.random.key(0))
+
+
+# --- the command line and the training config --------------------------------------------------
+
+
+def test_cli_flags_reach_the_estimator(monkeypatch):
+    from vaeml_jax import cli
+    from vaeml_jax.training.build import build_vae, make_estimator
+
+    argv = ["train", "--estimator", "mlmc", "-S", "3", "--max-level", "6", "--level-rate", "1.3"]
+    argv += ["--mlmc-estimator", "single_term", "--encoder-objective", "inclusive_kl"]
+    cfg, _, recipe = cli._resolve_train_config(cli.build_parser().parse_args(argv))
+    assert not recipe  # the warm-start recipe is the unbiased estimator's
+    seen = {}
+
+    def record(model, **kwargs):
+        seen.update(kwargs)
+        return make_mlmc_grad(model, **kwargs)
+
+    monkeypatch.setattr(vj, "make_mlmc_grad", record)
+    est = make_estimator(cfg, build_vae(cfg).model)
+    assert est.name == "mlmc"
+    assert seen == dict(
+        num_particles=3,
+        rate=1.3,
+        max_level=6,
+        estimator="single_term",
+        encoder_objective="inclusive_kl",
+    )
+
+
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        (dict(mlmc_estimator="single"), "unknown mlmc_estimator"),
+        (dict(level_rate=0.0), "level_rate must be a positive number"),
+        (dict(max_level=0), "max_level must be an integer >= 1"),
+        (dict(encoder_particles=4, encoder_objective="inclusive_kl"), "reparameterised"),
+    ],
+)
+def test_bad_config_options_name_the_problem(kw, message):
+    from vaeml_jax.training.config import ConfigError, TrainConfig
+
+    with pytest.raises(ConfigError, match=message):
+        TrainConfig.from_dict(dict(estimator="mlmc", **kw)).resolved()

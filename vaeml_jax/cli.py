@@ -59,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
         ENCODER_OBJECTIVE_CHOICES,
         ENCODERS,
         LIKELIHOODS,
+        MLMC_ESTIMATORS,
         SCHEDULES,
         WARM_START_ESTIMATORS,
         available_estimators,
@@ -137,8 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--estimator",
         choices=available_estimators(),
-        help="default unbiased (coupled CIS chains); elbo, iwae, mcmc (biased CIS average) and "
-        "sumo are the baselines",
+        help="default unbiased (coupled CIS chains); mlmc (multilevel Monte Carlo, unbiased); "
+        "elbo, iwae, mcmc (biased CIS average) and sumo are the baselines",
     )
     g.add_argument(
         "--num-particles", "-S", type=_positive_int, metavar="S", help="particles S (default 10)"
@@ -185,6 +186,24 @@ def build_parser() -> argparse.ArgumentParser:
     g = t.add_argument_group("sumo estimator (--estimator sumo)")
     g.add_argument("--min-terms", type=_positive_int, help="minimum terms m (default 1)")
     g.add_argument("--max-terms", type=_positive_int, help="cap on terms J (default 128)")
+    g = t.add_argument_group("mlmc estimator (--estimator mlmc)")
+    g.add_argument(
+        "--max-level",
+        type=_positive_int,
+        help="cap on the level L: n_0 2^L draws at most, the bias of IWAE with n_0 "
+        "2^max_level draws (default 10)",
+    )
+    g.add_argument(
+        "--level-rate",
+        type=float,
+        metavar="R",
+        help="P(L = l) proportional to 2^(-R l); 1 < R < 2 (default 1.5)",
+    )
+    g.add_argument(
+        "--mlmc-estimator",
+        choices=MLMC_ESTIMATORS,
+        help="roulette (default: every level up to L) or single_term (level L only)",
+    )
     g = t.add_argument_group("optimisation")
     g.add_argument(
         "--epochs",

@@ -90,6 +90,16 @@ def make_estimator(config: TrainConfig, model: Any) -> Any:
             loop=vj.LoopOptions(num_slots=cast(Any, config.num_slots)),
             **own,
         )
+    if config.estimator == "mlmc":
+        return vj.make_mlmc_grad(
+            model,
+            num_particles=config.num_particles,
+            rate=config.level_rate,
+            max_level=config.max_level,
+            estimator=cast(Any, config.mlmc_estimator),
+            encoder_objective=enc,
+            **own,
+        )
     if config.estimator == "sumo":
         from vaeml_jax.estimators.sumo import make_sumo_grad
 

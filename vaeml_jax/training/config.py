@@ -33,7 +33,8 @@ __all__ = [
     "with_measured_recipe",
 ]
 
-BASE_ESTIMATORS = ("elbo", "iwae", "mcmc", "unbiased")
+BASE_ESTIMATORS = ("elbo", "iwae", "mcmc", "unbiased", "mlmc")
+MLMC_ESTIMATORS = ("roulette", "single_term")
 ENCODER_OBJECTIVE_CHOICES = (
     "auto",
     "elbo",
@@ -83,7 +84,7 @@ class ConfigError(ValueError):
 
 
 def available_estimators() -> tuple[str, ...]:
-    """The estimators ``--estimator`` accepts: the four built-ins, plus ``sumo`` if installed."""
+    """The estimators ``--estimator`` accepts: the built-ins, plus ``sumo`` if installed."""
     try:
         has_sumo = importlib.util.find_spec("vaeml_jax.estimators.sumo") is not None
     except (ImportError, ValueError):  # pragma: no cover
@@ -119,6 +120,10 @@ class TrainConfig:
     by default) with ``warm_start_num_particles`` particles and the learning rate
     ``warm_start_lr`` (None: ``lr``), then the run goes on with the configured estimator from the
     same parameters and Adam state (:meth:`warm_start_config` is the warm phase's config).
+
+    ``estimator="mlmc"`` (:func:`vaeml_jax.make_mlmc_grad`): ``num_particles`` is n_0, the draws
+    of level 0; ``max_level``, ``level_rate`` and ``mlmc_estimator`` are its ``max_level``,
+    ``rate`` and ``estimator``.
     """
 
     dataset: str = "mnist"
@@ -136,6 +141,9 @@ class TrainConfig:
     burn_in: int = 0
     min_terms: int = 1
     max_terms: int = 128
+    max_level: int = 10
+    level_rate: float = 1.5
+    mlmc_estimator: str = "roulette"
     encoder_objective: str = "auto"
     encoder_particles: int | None = None
     hidden: tuple[int, ...] = (200, 200)
@@ -255,6 +263,7 @@ class TrainConfig:
         if self.encoder != "diag" and self.two_layer:
             raise ConfigError(f"encoder {self.encoder!r} is for one stochastic layer only.")
         choice("warm_start_estimator", WARM_START_ESTIMATORS)
+        choice("mlmc_estimator", MLMC_ESTIMATORS)
         ints = {
             "num_particles": 2 if self.estimator in ("mcmc", "unbiased") else 1,
             "k": 0,
@@ -265,6 +274,7 @@ class TrainConfig:
             "burn_in": 0,
             "min_terms": 1,
             "max_terms": 1,
+            "max_level": 1,
             "latent_dim": 1,
             "iaf_layers": 1,
             "epochs": 1,
@@ -321,7 +331,7 @@ class TrainConfig:
             if self.encoder_objective not in REPARAM_OBJECTIVES or self.estimator == "sumo":
                 raise ConfigError(
                     "encoder_particles is for the reparameterised encoder objectives ("
-                    f"{', '.join(REPARAM_OBJECTIVES)}) of elbo, iwae, mcmc and unbiased; got "
+                    f"{', '.join(REPARAM_OBJECTIVES)}) of elbo, iwae, mcmc, unbiased and mlmc; got "
                     f"encoder_objective {self.encoder_objective!r} with {self.estimator}."
                 )
         if self.rejuvenation is not None:
@@ -341,6 +351,9 @@ class TrainConfig:
             or self.lr <= 0
         ):
             raise ConfigError(f"lr must be a positive number, got {self.lr!r}.")
+        r = self.level_rate
+        if isinstance(r, bool) or not isinstance(r, (int, float)) or not math.isfinite(r) or r <= 0:
+            raise ConfigError(f"level_rate must be a positive number (1 < r < 2), got {r!r}.")
         self._validate_warm_start()
         if self.k > self.m:
             raise ConfigError(
