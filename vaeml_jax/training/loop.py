@@ -478,7 +478,6 @@ class PhaseRunners:
             for future in done:
                 future.result()  # re-raises a compile error here
 
-
     def after_epoch(self, state: TrainState, epoch: int) -> None:
         """After 0-based ``epoch`` of the warm start, if more warm-start epochs follow and the main
         phase is untimed: time ``ESTIMATE_STEPS`` main-phase steps from ``state`` (dropped) and log
