@@ -16,6 +16,7 @@ equal tuples stay bitwise equal.
 
 import functools
 
+import _couplings_plants as plants
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -65,7 +66,7 @@ def test_vae_gradient_is_unbiased(lag, k, m):
 
 
 def test_statistic_rejects_off_by_one(monkeypatch):
-    monkeypatch.setattr(debias, "_PLANT", "off_by_one")
+    monkeypatch.setattr(debias, "_correction_count", plants.off_by_one_count)
     out, exact = _replicates(1, 0, 1)
     z = z_scores(jax.tree.map(np.asarray, out.estimate), exact)
     stat, threshold = float(np.abs(z).max()), pass_threshold(z.size)

@@ -6,13 +6,14 @@ forms. R independent pairs (vmapped) give replicate estimates; the statistic is 
 coordinates against the closed form (tests/_stats.py): a correct configuration must pass below
 the Bonferroni threshold at family-wise level 1e-4 (4.42 for 5 coordinates) with no capped pair,
 and every planted bug must be rejected, by max |z| > 2 x threshold or by capped pairs, under the
-same statistic, R and seed. Plants (private switches, monkeypatched):
+same statistic, R and seed. Plants (broken copies from tests/_couplings_plants.py, swapped in
+with monkeypatch):
 
-* ``off_by_one``: the correction weights one step early (debias._PLANT),
-* ``uncoupled``: RWM proposals with independent noise (rwm._PLANT): the chains never meet, every
-  pair is capped (and the truncated correction is biased),
+* ``off_by_one``: the correction weights one step early (debias._correction_count),
+* ``uncoupled``: RWM proposals with independent noise (maximal.reflection_maximal): the chains
+  never meet, every pair is capped (and the truncated correction is biased),
 * ``no_correction``: MALA's acceptance ratio without the proposal densities q(x|x')/q(x'|x)
-  (mala._PLANT): the chain targets a wrong law and H_{k:m} inherits its bias.
+  (mala._log_acceptance_ratio): the chain targets a wrong law and H_{k:m} inherits its bias.
 
 Measured numbers are in the test ids' docstrings below and in the report of the couplings branch.
 """
@@ -20,6 +21,7 @@ Measured numbers are in the test ids' docstrings below and in the report of the 
 import functools
 import itertools
 
+import _couplings_plants as plants
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -28,7 +30,7 @@ from _couplings_targets import EXACT, h, kernels, logdensity, rinit, run_estimat
 from _stats import REJECT_FACTOR
 
 from vaeml_jax import couplings as cp
-from vaeml_jax.couplings import debias, mala, rwm
+from vaeml_jax.couplings import debias, mala, maximal
 from vaeml_jax.estimators import unbiased as U
 
 # (kind, lag, k, m): every kernel with lag 1 and lag 2. MALA with lag 1 has a longer window
@@ -71,23 +73,26 @@ def test_unbiased_on_correlated_gaussian(config):
     assert z < threshold, (config, z, threshold)
 
 
-# bug -> (module whose _PLANT is set, configuration the statistic is computed on)
+# bug -> ((module, name, broken copy) swapped in, configuration the statistic is computed on)
 PLANTS = {
     None: (None, ("rwm", 1, 0, 2)),
-    "off_by_one": (debias, ("rwm", 1, 0, 2)),
-    "uncoupled": (rwm, ("rwm", 1, 0, 2)),
-    "no_correction": (mala, ("mala", 1, 5, 30)),
+    "off_by_one": ((debias, "_correction_count", plants.off_by_one_count), ("rwm", 1, 0, 2)),
+    "uncoupled": ((maximal, "reflection_maximal", plants.independent_draw), ("rwm", 1, 0, 2)),
+    "no_correction": (
+        (mala, "_log_acceptance_ratio", plants.no_proposal_correction),
+        ("mala", 1, 5, 30),
+    ),
 }
 
 
 @pytest.mark.parametrize("bug", list(PLANTS), ids=[str(b) for b in PLANTS])
 def test_statistic_rejects_planted_bugs(monkeypatch, bug):
-    module, config = PLANTS[bug]
+    plant, config = PLANTS[bug]
     if bug is None:
         z, threshold, capped = _reference(*config)
         assert capped == 0 and z < threshold, (z, threshold, capped)
         return
-    monkeypatch.setattr(module, "_PLANT", bug)
+    monkeypatch.setattr(*plant)
     # An uncoupled pair runs to the cap: it is rejected by capping, which 4k pairs show as well.
     max_iters, R = (100, 4000) if bug == "uncoupled" else (1000, num_pairs(*config[:2]))
     out = run_estimator(*config, R, max_iters=max_iters)

@@ -3,8 +3,8 @@
 * Marginals: from fixed states (x, y), one coupled step and one single-kernel step from x (and from
   y) are drawn with N independent keys; the two-sample z of the means of (x', x'^2) must stay
   below the Bonferroni threshold for every coupled kernel, for BOTH chains. Plant: the
-  reflection-maximal coupling without the reflection (maximal._PLANT = "no_reflection") breaks
-  Y's marginal and is rejected by > 2 x threshold.
+  reflection-maximal coupling without the reflection (maximal._reflect swapped for
+  _couplings_plants.unreflected) breaks Y's marginal and is rejected by > 2 x threshold.
 * Reflection-maximal coupling: P(x = y) equals 2 Phi(-|z|/2) (z-test) and both draws are exact
   Gaussians; the same plant is rejected.
 * Faithfulness: pairs started equal stay bitwise equal (array_equal), and pairs that met stay met.
@@ -12,6 +12,7 @@
   rule above test_meeting_time_tail_is_geometric).
 """
 
+import _couplings_plants as plants
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -20,7 +21,7 @@ from _couplings_targets import kernels, logdensity, two_sample_z
 from _stats import REJECT_FACTOR, pass_threshold
 
 from vaeml_jax import couplings as cp
-from vaeml_jax.couplings import maximal, rwm
+from vaeml_jax.couplings import maximal
 
 N = 40_000
 X0 = jnp.array([0.6, -0.4])
@@ -58,7 +59,7 @@ def test_coupled_kernel_has_the_single_kernels_marginals(kind):
 
 
 def test_marginal_test_rejects_unreflected_coupling(monkeypatch):
-    monkeypatch.setattr(maximal, "_PLANT", "no_reflection")
+    monkeypatch.setattr(maximal, "_reflect", plants.unreflected)
     z, threshold = marginal_z("rwm")
     print(f"plant no_reflection: max|z| = {z:.1f} (threshold {threshold:.2f})")
     assert z > REJECT_FACTOR * threshold, (z, threshold)
@@ -66,7 +67,8 @@ def test_marginal_test_rejects_unreflected_coupling(monkeypatch):
 
 @pytest.mark.parametrize("bug", [None, "no_reflection"])
 def test_reflection_maximal_coupling_is_maximal_and_exact(monkeypatch, bug):
-    monkeypatch.setattr(maximal, "_PLANT", bug)
+    if bug == "no_reflection":
+        monkeypatch.setattr(maximal, "_reflect", plants.unreflected)
     mu1, mu2, s = jnp.array([0.0, 0.5, 1.0]), jnp.array([0.4, 0.1, 1.2]), jnp.array([0.5, 1.0, 0.7])
     draw = jax.jit(jax.vmap(lambda kk: maximal.reflection_maximal(kk, mu1, mu2, s)))(
         jax.random.split(jax.random.key(5), N)
@@ -142,7 +144,8 @@ def test_met_chains_stay_met():
 # require every estimate <= Q_MAX = 0.8 (plus 4 binomial standard errors), and the implied quantile
 # bound: the 99.9% quantile <= c (1 + j) with 0.8^j <= 0.002 (S(c) <= 1). Kernel: reflection-
 # maximal RWM, scale 1/sqrt(d), on N(0, I_d) from N(2, I). A power-law tail would show the
-# conditional survival rising towards 1. Plant: RWM uncoupled (rwm._PLANT): pairs never meet.
+# conditional survival rising towards 1. Plant: RWM uncoupled (maximal.reflection_maximal swapped
+# for _couplings_plants.independent_draw): pairs never meet.
 # (Not the HMC/RWM mixture: its CRN HMC steps contract the pair to float32 equality, so even with
 # the RWM component uncoupled it meets, with a geometric tail.)
 
@@ -178,7 +181,8 @@ def conditional_survival(d, max_iters=2000):
 
 @pytest.mark.parametrize("d,bug", [(2, None), (5, None), (2, "uncoupled")])
 def test_meeting_time_tail_is_geometric(monkeypatch, d, bug):
-    monkeypatch.setattr(rwm, "_PLANT", bug)
+    if bug == "uncoupled":
+        monkeypatch.setattr(maximal, "reflection_maximal", plants.independent_draw)
     c, surv, tau, capped = conditional_survival(d, 2000 if bug is None else 200)
     print(
         f"d={d} bug={bug}: window c {c}, 99.9% {np.quantile(tau, 0.999):.0f}, "

@@ -70,10 +70,6 @@ __all__ = [
 
 PyTree = Any
 
-# Private switch for the planted bug of the test suite: "off_by_one" shifts the correction's
-# weights one step early, c_{t+1} in place of c_t (for L = 1: the ramp counted from k - 1).
-_PLANT: str | None = None
-
 
 class Estimate(NamedTuple):
     """One pair's output.
@@ -135,13 +131,15 @@ def coefficients(t: Any, met: Any, k: int, m: int, lag: int) -> tuple[jax.Array,
     n = m - k + 1
     t = jnp.asarray(t)
     mcmc = jnp.where((t >= k) & (t <= m), 1.0 / n, 0.0)
-    shift = 1 if _PLANT == "off_by_one" else 0
-    s = t + shift
-    j_max = jnp.floor_divide(s - k, lag)
-    j_min = jnp.maximum(1, -jnp.floor_divide(m - s, lag))  # ceil((s - m) / L), at least 1
-    count = jnp.maximum(0, j_max - j_min + 1)
-    beta = jnp.where(~jnp.asarray(met), count / n, 0.0)
+    beta = jnp.where(~jnp.asarray(met), _correction_count(t, k, m, lag) / n, 0.0)
     return mcmc + beta, beta
+
+
+def _correction_count(t: jax.Array, k: int, m: int, lag: int) -> jax.Array:
+    """c_t = #{j >= 1 : k <= t - jL <= m} (see :func:`coefficients`)."""
+    j_max = jnp.floor_divide(t - k, lag)
+    j_min = jnp.maximum(1, -jnp.floor_divide(m - t, lag))  # ceil((t - m) / L), at least 1
+    return jnp.maximum(0, j_max - j_min + 1)
 
 
 def _check_common(single_step, coupled_step, rinit, k, m, lag, max_iters):

@@ -37,10 +37,6 @@ from vaeml_jax.couplings.base import (
 
 __all__ = ["init", "build_kernel", "build_coupled_kernel"]
 
-# Private switch for the planted bug of the test suite: "no_correction" drops the proposal-density
-# ratio q(x|x')/q(x'|x) from the acceptance probability (the chain then targets the wrong law).
-_PLANT: str | None = None
-
 
 def _transition(logdensity_fn, state: State, xi, log_u, step_size, inverse_mass):
     """Propose from ``state`` with noise xi (d,), accept with log_u; returns (state, Info)."""
@@ -51,16 +47,20 @@ def _transition(logdensity_fn, state: State, xi, log_u, step_size, inverse_mass)
     prop_flat = mean + proposals.langevin_scale(step_size, minv) * xi
     new = evaluate(logdensity_fn, unravel(prop_flat))
     new_grad, _ = ravel_pytree(new.logdensity_grad)
-    log_ratio = new.logdensity - state.logdensity
-    if _PLANT != "no_correction":
-        log_ratio = (
-            log_ratio
-            + proposals.langevin_log_density(flat, prop_flat, new_grad, step_size, minv)
-            - proposals.langevin_log_density(prop_flat, flat, grad, step_size, minv)
-        )
+    log_ratio = _log_acceptance_ratio(state, new, flat, prop_flat, grad, new_grad, step_size, minv)
     log_ratio = jnp.where(jnp.isnan(log_ratio), -jnp.inf, log_ratio)
     accepted = log_u < log_ratio
     return select(accepted, new, state), Info(accepted, log_ratio)
+
+
+def _log_acceptance_ratio(state, new, flat, prop_flat, grad, new_grad, step_size, minv):
+    """log pi(x') - log pi(x) + log q(x | x') - log q(x' | x), x = flat, x' = prop_flat."""
+    return (
+        new.logdensity
+        - state.logdensity
+        + proposals.langevin_log_density(flat, prop_flat, new_grad, step_size, minv)
+        - proposals.langevin_log_density(prop_flat, flat, grad, step_size, minv)
+    )
 
 
 def _noise(key, state: State):

@@ -24,10 +24,6 @@ import jax.numpy as jnp
 
 __all__ = ["ReflectionDraw", "reflection_maximal", "meeting_probability"]
 
-# Private switch for the test suite's planted bug: "no_reflection" draws Y's residual from the
-# un-reflected xi, which breaks Y's marginal (tests/test_couplings_kernels.py rejects it).
-_PLANT: str | None = None
-
 
 class ReflectionDraw(NamedTuple):
     """A coupled draw: x (d,), y (d,) and whether they are equal (() bool)."""
@@ -56,9 +52,13 @@ def reflection_maximal(key, mu1: jax.Array, mu2: jax.Array, scale: jax.Array) ->
     log_ratio = -0.5 * (2.0 * jnp.dot(xi, z) + norm**2)
     equal = jnp.log(jax.random.uniform(key_u, (), mu1.dtype)) < jnp.minimum(0.0, log_ratio)
     x = mu1 + scale * xi
-    reflected = xi if _PLANT == "no_reflection" else xi - 2.0 * jnp.dot(e, xi) * e
-    y = jnp.where(equal, x, mu2 + scale * reflected)
+    y = jnp.where(equal, x, mu2 + scale * _reflect(xi, e))
     return ReflectionDraw(x, y, equal)
+
+
+def _reflect(xi: jax.Array, e: jax.Array) -> jax.Array:
+    """xi reflected in the hyperplane orthogonal to the unit vector e: xi - 2 (e.xi) e."""
+    return xi - 2.0 * jnp.dot(e, xi) * e
 
 
 def meeting_probability(mu1: jax.Array, mu2: jax.Array, scale: jax.Array) -> jax.Array:

@@ -39,10 +39,6 @@ from vaeml_jax.couplings.base import (
 
 __all__ = ["init", "build_kernel", "build_coupled_kernel"]
 
-# Private switch for the planted bug of the test suite: "uncoupled" draws Y's proposal with
-# independent noise, so the chains (a.s.) never meet.
-_PLANT: str | None = None
-
 
 def _accept(log_u, new: State, old: State):
     log_ratio = new.logdensity - old.logdensity
@@ -89,14 +85,11 @@ def build_coupled_kernel(logdensity_fn: Callable, scale) -> Callable:
         if fx.shape != fy.shape:
             raise ValueError(f"the two chains' positions differ in size: {fx.shape} vs {fy.shape}.")
         s = _checks.flat_scale("scale", scale, state.x.position)
-        key_prop, key_u, key_plant = jax.random.split(key, 3)
+        key_prop, key_u = jax.random.split(key)
         draw = maximal.reflection_maximal(key_prop, fx, fy, s)
-        prop_y, equal = draw.y, draw.equal
-        if _PLANT == "uncoupled":
-            prop_y = fy + s * jax.random.normal(key_plant, fy.shape, fy.dtype)
-            equal = jnp.zeros((), bool)
+        equal = draw.equal
         new_x = evaluate(logdensity_fn, unravel(draw.x))
-        new_y = select(equal, new_x, evaluate(logdensity_fn, unravel(prop_y)))
+        new_y = select(equal, new_x, evaluate(logdensity_fn, unravel(draw.y)))
         log_u = jnp.log(jax.random.uniform(key_u, (), fx.dtype))
         acc_x, _ = _accept(log_u, new_x, state.x)
         acc_y, _ = _accept(log_u, new_y, state.y)
