@@ -552,6 +552,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     )
     bar.close()
     seconds = time.perf_counter() - t0
+    num_examples: int = x.shape[0]  # an int for mypy: with an Any default, res.get is Optional
     out = {
         "dataset": config.dataset,
         "binarization": config.binarization,
@@ -559,7 +560,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         "estimator": config.estimator,
         "method": res.get("method", args.method),
         "num_samples": int(res.get("num_samples", args.num_samples)),
-        "num_examples": int(res.get("num_examples", x.shape[0])),
+        "num_examples": int(res.get("num_examples", num_examples)),
         "checkpoint_epoch": int(epoch),
         "test_log_likelihood": float(res["test_log_likelihood"]),
         "test_log_likelihood_stderr": float(res["test_log_likelihood_stderr"]),
@@ -673,7 +674,8 @@ def use_compilation_cache() -> None:
         return
     import jax
 
-    if jax.config.jax_compilation_cache_dir:
+    # jax's Config defines its option attributes at run time, unknown to its type stubs
+    if jax.config.jax_compilation_cache_dir:  # type: ignore[attr-defined]
         return
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     path = Path(setting) if setting else Path(base) / "vaeml-jax" / "xla"

@@ -32,7 +32,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import jax
 import jax.numpy as jnp
@@ -399,7 +399,9 @@ def check_same(items: Mapping[str, Any]) -> None:
 
     def digest(v) -> np.ndarray:
         data = v.encode() if isinstance(v, str) else np.ascontiguousarray(v)
-        return np.frombuffer(hashlib.blake2b(data, digest_size=8).digest(), np.int32)
+        # numpy's stubs give ndarray __buffer__ only for Python >= 3.12 (it is a buffer at run time)
+        h = hashlib.blake2b(data, digest_size=8)  # type: ignore[arg-type]
+        return np.frombuffer(h.digest(), np.int32)
 
     everyone = _allgather_host(np.stack([digest(v) for v in items.values()]))  # (P, items, 2)
     same = (everyone == everyone[:1]).all(axis=2)  # (P, items)
@@ -422,7 +424,7 @@ def agree(fn: Callable[[], T], what: str) -> T:
     naming it, instead of waiting for it in the next collective. Alone, this is ``fn()``.
     """
     error: BaseException | None = None
-    out = None
+    out: T | None = None
     try:
         out = fn()
     except Exception as e:
@@ -436,7 +438,7 @@ def agree(fn: Callable[[], T], what: str) -> T:
             )
     if error is not None:
         raise error
-    return out
+    return cast(T, out)  # fn() returned it (not narrowed to T: T itself may include None)
 
 
 def _is_global(x: Any) -> bool:

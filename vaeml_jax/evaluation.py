@@ -556,9 +556,9 @@ def ais_log_weights(
     step_size = _check_float("step_size", step_size, 0.0)
     target_accept = _check_float("target_accept", target_accept, 0.0, 1.0)
     adapt_rate = _check_float("adapt_rate", adapt_rate, 0.0)
-    betas = annealing_schedule(num_steps, schedule)
+    schedule_betas = annealing_schedule(num_steps, schedule)
     x, key, latent_dtype = _prepare(model, params, x, key)
-    betas = jnp.asarray(betas, latent_dtype)
+    betas = jnp.asarray(schedule_betas, latent_dtype)
     if num_steps == 1:
         adapt_chains = 0  # no transitions: plain IS with num_chains samples, nothing to adapt
     keys = jax.random.split(key, x.shape[0])
@@ -726,6 +726,7 @@ def evaluate(
     t0 = time.perf_counter()
     key_ll, key_elbo = jax.random.split(key)
     extra: dict = {}
+    per_example: Array | np.ndarray  # on device, then on host as float64
     if method == "is":
         per_example = importance_log_likelihood(
             model,
@@ -750,7 +751,9 @@ def evaluate(
             on_batch=progress,
             **ais_kwargs,
         )
-        defaults = {n: ais_log_likelihood.__kwdefaults__[n] for n in AIS_OPTIONS}
+        kwdefaults = ais_log_likelihood.__kwdefaults__
+        assert kwdefaults is not None  # its options are keyword-only, with defaults
+        defaults = {n: kwdefaults[n] for n in AIS_OPTIONS}
         settings = {**defaults, **ais_kwargs}
         k_used = int(settings["num_chains"])
         evals = ais_num_log_joint_evals(
@@ -760,7 +763,7 @@ def evaluate(
             settings["adapt_chains"] if settings["num_steps"] > 1 else 0,
         )
         extra["ais"] = settings
-    elbos = elbo(
+    elbos: Array | np.ndarray = elbo(
         model, params, x, key_elbo, num_samples=elbo_samples, batch_size=batch_size, mesh=mesh
     )
     per_example = np.asarray(per_example, np.float64)

@@ -187,7 +187,8 @@ def plot_meeting_times(meeting_times: np.ndarray | None, path: str | Path, note:
         ax.set_axis_off()
     else:
         bins = np.arange(0.5, mt.max() + 1.5, 1.0) if mt.max() <= 100 else 50
-        ax.hist(mt, bins=bins, log=True)
+        # matplotlib's stubs type bins as int | Sequence[float]; an ndarray works (documented)
+        ax.hist(mt, bins=bins, log=True)  # type: ignore[arg-type]
         ax.set_xlabel("meeting time tau")
         ax.set_ylabel("examples (log scale)")
         ax.set_title(

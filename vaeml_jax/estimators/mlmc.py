@@ -400,6 +400,7 @@ def make_mlmc_grad(
         own = 2 * n0 * blocks
         evals = 2 * n0 * chunk * num_chunks
         if reparam:  # the first n_0 draws again, reparameterised (same keys as block 0)
+            assert encoder_objective is not None  # reparam implies it
             keys0 = jax.vmap(jax.random.fold_in)(key_z, jnp.zeros((B,), jnp.int32))[:, None]
             enc_keys = _common.encoder_keys(keys0) if own_draws else keys0
             enc = jax.grad(
@@ -412,7 +413,8 @@ def make_mlmc_grad(
             **info,
             own_log_joint_evals=own.astype(jnp.int32),
         )
-        info.update(num_iters=levels[:, None], capped=capped[:, None])
+        info["num_iters"] = levels[:, None]
+        info["capped"] = capped[:, None]
         return LossGradient(grads, info)
 
     return GradientEstimator("mlmc", 1, grad_fn, model)

@@ -53,7 +53,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -291,6 +291,7 @@ class GaussianDecoderMLP(nnx.Module):
 class _Encoder(nnx.Module):
     def __init__(self, c: VAEConfig, *, rngs, dtype):
         lat1 = c.latent1_dim if c.two_layer else c.latent_dim
+        self.q_z1: GaussianMLP | FullCovGaussianMLP | IAFGaussianMLP  # chosen by c.encoder
         if c.encoder == "diag":
             self.q_z1 = GaussianMLP(
                 c.data_dim, c.hidden, lat1, c.activation, rngs=rngs, dtype=dtype
@@ -319,6 +320,7 @@ class _Encoder(nnx.Module):
 class _Decoder(nnx.Module):
     def __init__(self, c: VAEConfig, *, rngs, dtype):
         lat1 = c.latent1_dim if c.two_layer else c.latent_dim
+        cls: type[BernoulliMLP | GaussianDecoderMLP]  # chosen by c.likelihood
         cls = BernoulliMLP if c.likelihood == "bernoulli" else GaussianDecoderMLP
         self.p_x = cls(lat1, c.hidden, c.data_dim, c.activation, rngs=rngs, dtype=dtype)
         if c.two_layer:
@@ -449,7 +451,7 @@ class VAE:
         return lp + self._log_likelihood(dec, x, z1)
 
     def _log_likelihood(self, dec: _Decoder, x: Array, z1: Array) -> Array:
-        if self.config.likelihood == "bernoulli":
+        if isinstance(dec.p_x, BernoulliMLP):  # likelihood == "bernoulli"
             return bernoulli_log_prob(x, dec.p_x(z1))
         loc, log_scale = dec.p_x(z1)
         scale = jnp.exp(log_scale) + self.config.min_scale
@@ -459,7 +461,7 @@ class VAE:
         """log q(z|x) for one example x and one flat latent z."""
         self._check_one("log_proposal", x, z)
         enc = self._encoder(params)
-        if self.config.encoder != "diag":
+        if not isinstance(enc.q_z1, GaussianMLP):  # encoder != "diag"
             return enc.q_z1.log_prob(x, z)
         z1, z2 = self._split(z)
         lq = gaussian_log_prob(z1, *enc.q_z1(x))
@@ -494,7 +496,7 @@ class VAE:
         (``"iaf"``). Drawing from it (:meth:`sample_from_features`) skips the encoder's trunk."""
         self._check_one("proposal_features", x)
         q = self._encoder(params).q_z1
-        return q.base(x) if self.config.encoder == "iaf" else q(x)
+        return q.base(x) if isinstance(q, IAFGaussianMLP) else q(x)
 
     def sample_from_features(
         self, params: Params, features: tuple[Array, ...], key: Array, num: int
@@ -504,7 +506,12 @@ class VAE:
             return self._sample_diag(params, features, key, num, with_log_q=True)
         k1, _ = jax.random.split(key)  # the key split of the diagonal case, for the same eps
         eps = jax.random.normal(k1, (num, self.latent_dim), self._dtype)
-        return self._encoder(params).q_z1.sample_from(features, eps)
+        q = self._encoder(params).q_z1
+        # casts: proposal_features gave this encoder's features, whose length mypy cannot know
+        if isinstance(q, IAFGaussianMLP):  # encoder == "iaf": (mu, log sigma_0, h)
+            return q.sample_from(cast("tuple[Array, Array, Array]", features), eps)
+        assert isinstance(q, FullCovGaussianMLP)  # encoder == "full_cov": (mu, L)
+        return q.sample_from(cast("tuple[Array, Array]", features), eps)
 
     def _sample_diag(self, params, features, key, num, with_log_q: bool):
         """Draws (and log q, from the noise) of the diagonal encoder, one or two layers."""
@@ -517,7 +524,7 @@ class VAE:
             loc2, log_scale2 = self._encoder(params).q_z2(z)
             eps2 = jax.random.normal(k2, loc2.shape, loc2.dtype)
             z = jnp.concatenate([z, loc2 + jnp.exp(log_scale2) * eps2], axis=-1)
-            if with_log_q:
+            if lq is not None:  # with_log_q
                 lq = lq + _std_normal_log_prob(eps2) - jnp.sum(log_scale2, axis=-1)
         return (z, lq) if with_log_q else z
 
@@ -529,10 +536,10 @@ class VAE:
         ``"iaf"`` (mu, log sigma) are the base Gaussian's, before the flow.
         """
         q = self._encoder(params).q_z1
-        if self.config.encoder == "full_cov":
+        if isinstance(q, FullCovGaussianMLP):  # encoder == "full_cov"
             loc, L = q(x)
             return loc, jnp.log(jnp.diagonal(L, axis1=-2, axis2=-1))
-        if self.config.encoder == "iaf":
+        if isinstance(q, IAFGaussianMLP):  # encoder == "iaf"
             return q.base(x)[:2]
         return q(x)
 
@@ -547,10 +554,10 @@ class VAE:
                 f"decode takes latents of shape (..., {self.latent_dim}), got {z.shape}."
             )
         z1, _ = self._split(z)
-        out = self._decoder(params).p_x(z1)
-        if self.config.likelihood == "bernoulli":
-            return jax.nn.sigmoid(out)
-        return out[0]
+        p_x = self._decoder(params).p_x
+        if isinstance(p_x, BernoulliMLP):  # likelihood == "bernoulli"
+            return jax.nn.sigmoid(p_x(z1))
+        return p_x(z1)[0]
 
     def sample_prior(self, params: Params, key: Array, num: int) -> Array:
         """``num`` flat latents from the prior (ancestral for two layers): (num, latent_dim)."""

@@ -381,6 +381,7 @@ class TrainConfig:
             )
 
     def _validate_warm_start(self) -> None:
+        assert self.epochs is not None  # validate() has checked it is an integer >= 1
         if self.warm_start_epochs and self.warm_start_epochs >= self.epochs:
             raise ConfigError(
                 f"warm_start_epochs ({self.warm_start_epochs}) must be smaller than epochs "
@@ -450,6 +451,7 @@ def with_measured_recipe(config: TrainConfig) -> TrainConfig:
     otherwise unchanged (a run of 1 epoch has no room for a warm start).
     """
     config = config.resolved()
+    assert config.epochs is not None  # resolved() fills it
     if config.estimator != "unbiased" or config.schedule != "constant" or config.warm_start_epochs:
         return config
     warm = int(RECIPE_WARM_START_FRACTION * config.epochs)

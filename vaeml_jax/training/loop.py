@@ -277,15 +277,18 @@ class EpochRunner:
     ):
         self.job = job
         self.later_seconds = later_seconds
-        self.end_epoch = job.config.epochs if end_epoch is None else end_epoch
+        if end_epoch is None:
+            assert job.config.epochs is not None  # the job's config is resolved (build_job)
+            end_epoch = job.config.epochs
+        self.end_epoch: int = end_epoch
         self.label = label
         self.start_epoch = start_epoch
         self.progress = progress
         self.progress_interval = progress_interval
         self.log = log
         self._run_step = make_epoch_runner(job.train_step, job.mesh)
-        self._compiled = None
-        self._metric_shapes = None
+        self._compiled: Callable | None = None  # the ahead-of-time compiled step (compile())
+        self._metric_shapes: Any = None
         self._compile_seconds: float | None = None  # reported with the phase's first epoch
         self._timed = False  # this phase's own first steps timed (not only probed)
         self.seconds_per_step: float | None = None  # measured after compilation
@@ -325,6 +328,7 @@ class EpochRunner:
         (their results are dropped: the run's randomness and state do not change); returns and
         keeps the seconds per step, the estimate of this phase before it starts."""
         self.compile(state, epoch)
+        assert self._compiled is not None  # set by compile()
         batches, _ = self.job.epoch_data(epoch)
         buffers = self._buffers()
         num_steps = min(num_steps, self.job.steps_per_epoch)
@@ -352,6 +356,7 @@ class EpochRunner:
 
         job, config, steps = self.job, self.job.config, self.job.steps_per_epoch
         self.compile(state, epoch)  # ahead of time, so epoch timings exclude it
+        assert self._compiled is not None  # set by compile()
         compile_seconds, self._compile_seconds = self._compile_seconds, None
         batches, steps_key = job.epoch_data(epoch)
         buffers = self._buffers()
@@ -490,10 +495,12 @@ class PhaseRunners:
         per_step = main.probe(state, main.start_epoch, key, ESTIMATE_STEPS)
         steps = self.job.steps_per_epoch
         warm_left = (warm.seconds_per_step or 0.0) * (warm.end_epoch - epoch - 1) * steps
+        main_seconds = main.phase_seconds()
+        assert main_seconds is not None  # probe() has just timed the main phase
         self.log(
-            f"vaeml: estimated run left {format_duration(warm_left + main.phase_seconds())}: "
+            f"vaeml: estimated run left {format_duration(warm_left + main_seconds)}: "
             f"warm-start phase {format_duration(warm_left)}, main phase "
-            f"{format_duration(main.phase_seconds())} ({per_step:.2g} s/step, timed on "
+            f"{format_duration(main_seconds)} ({per_step:.2g} s/step, timed on "
             f"{min(ESTIMATE_STEPS, steps)} {main.job.config.estimator} steps after epoch "
             f"{epoch + 1})"
         )
@@ -574,6 +581,7 @@ def train(
     primary = distributed.is_primary()
     log = (log or _log_to_stderr) if primary else _silent
     config = config.resolved()
+    assert config.epochs is not None  # resolved() fills it
     run_dir = Path(out_dir)
     continuing = distributed.agree(
         lambda: prepare_run_dir(config, run_dir, resume), f"to check --out {run_dir}"
@@ -665,10 +673,12 @@ def _train_epoch(
     health.check(record_summary(record), epoch + 1, _max_iters(config))
     last = epoch + 1 == config.epochs
     if last or (config.checkpoint_every and (epoch + 1) % config.checkpoint_every == 0):
+        run_config = job.run_config
+        assert run_config is not None  # build_job sets it (the whole run's config)
         ckpt.save(
             epoch + 1,
             {"params": state.params, "opt_state": state.opt_state},
-            {"epoch": epoch + 1, "config": job.run_config.to_dict(), "version": _version()},
+            {"epoch": epoch + 1, "config": run_config.to_dict(), "version": _version()},
         )
     return state, record
 

@@ -97,7 +97,9 @@ def metric_shapes(grad_fn, train_step, state, batch, key) -> dict:
     }
 
 
-def make_epoch_runner(train_step: Callable, mesh: jax.sharding.Mesh | None = None) -> Callable:
+def make_epoch_runner(
+    train_step: Callable, mesh: jax.sharding.Mesh | None = None
+) -> jax.stages.Wrapped:
     """Jitted ``(state, buffers, batches, i, steps_key) -> (state, buffers)``: step i of an epoch.
 
     The step's key is ``fold_in(steps_key, i)``; its metrics are written at row i of the on-device
