@@ -12,10 +12,12 @@ binarized data, with
 * ``unbiased``: the coupled-chain estimator H_{0:0} (``make_unbiased_grad``, Ruiz et al. 2021);
 * ``sumo``: SUMO (Luo et al. 2020) with ``min_terms = S`` (its base bound is IWAE-S) and its
   variance-minimising encoder objective;
+* ``mlmc``: the multilevel Monte Carlo estimator (Shi & Cornish 2021, ``make_mlmc_grad``) with
+  n_0 = S draws at level 0, the Russian-roulette form, rate 1.5 and levels up to 10;
 
 all with the encoder objective ``vaeml_jax.training`` picks for them (``auto``). Two comparisons:
 
-1. **same S and epochs**: the five rows above;
+1. **same S and epochs**: the six rows above;
 2. **compute-matched**: ``iwae_matched``, IWAE with S' = the number of ``log_joint`` evaluations
    per training example that the ``--match-to`` estimator (default ``unbiased``) actually executed
    in the same seed (``info["num_log_joint_evals"]`` summed over training, divided by the examples
@@ -69,11 +71,13 @@ Settings (what each preset runs; flags override single values):
   warm compilation cache).
 * ``--preset long`` (a GPU): the same on all 60,000 MNIST images, 100 warm-start epochs + 100,
   K = 5000 on the whole test set, AIS (1,000 temperatures) on 100 images. ``--plan`` prints it.
-* ``--preset long_cpu`` (2 CPU cores, about an hour per seed): all 60,000 MNIST images, IWAE-5 for
-  20 epochs (12,000 steps, lr 1e-3), then 5 epochs (3,000 steps) at lr 3e-5 (the unbiased
-  continuation's best measured step, ``optimizer_study.py``) of IWAE-5, unbiased S = 5 and the
-  compute-matched IWAE; K = 5000 on the whole test set, AIS (1,000 temperatures, 16 chains) on 100
+* ``--preset long_cpu`` (2 CPU cores, about two hours per seed): all 60,000 MNIST images, IWAE-5
+  for 20 epochs (12,000 steps, lr 1e-3), then 5 epochs (3,000 steps) at lr 3e-5 (the unbiased
+  continuation's best measured step, ``optimizer_study.py``) of IWAE-5 and of the three unbiased
+  estimators (coupled chains, MLMC and SUMO, each with S = n_0 = min_terms = 5), and the
+  compute-matched IWAE of MLMC and of the coupled chains; K = 5000 on the whole test set, AIS (1,000 temperatures, 16 chains) on 100
   images of seed 0, in-training IS (K = 500, 1,000 images) after every continuation epoch.
+  ``--continuations`` and ``--matched`` run a subset (finished runs are reused either way).
 
 Outputs in ``--out`` (default ``runs/reproduce``): one run directory per (dataset, label, seed) as
 written by ``vaeml_jax.training`` plus its ``result.json`` (a finished run is reused when the script
@@ -125,7 +129,7 @@ from vaeml_jax.training import (  # noqa: E402
 )
 from vaeml_jax.training.rundir import write_atomic, write_config  # noqa: E402
 
-ESTIMATORS = ("elbo", "iwae", "mcmc", "unbiased", "sumo")
+ESTIMATORS = ("elbo", "iwae", "mcmc", "unbiased", "sumo", "mlmc")
 DATASETS = ("mnist", "fashion_mnist", "omniglot")
 # Published test log-likelihoods (nats), one stochastic layer: /work/shared/PROTOCOL.md.
 PUBLISHED = {
@@ -147,6 +151,10 @@ WARM_CONTINUATIONS = [
     ["unbiased5", "unbiased", 5],
     ["unbiased10", "unbiased", 10],
 ]
+# Every continuation a warm-start preset can run (``--continuations`` picks among them).
+KNOWN_CONTINUATIONS = {
+    c[0]: c for c in [*WARM_CONTINUATIONS, ["mlmc5", "mlmc", 5], ["sumo5", "sumo", 5]]
+}
 
 PRESETS = {
     "cpu": dict(
@@ -287,8 +295,15 @@ PRESETS = {
         batch_size=100,
         schedule="constant",
         seeds=[0, 1, 2],
-        continuations=[["iwae5", "iwae", 5], ["unbiased5", "unbiased", 5]],
-        matched=["unbiased5"],
+        # the three unbiased estimators from the same state, each with its compute-matched IWAE
+        continuations=[
+            ["iwae5", "iwae", 5],
+            ["mlmc5", "mlmc", 5],
+            ["unbiased5", "unbiased", 5],
+            ["sumo5", "sumo", 5],
+        ],
+        # not SUMO's: at ~175 evaluations per example its IWAE would double the preset's time
+        matched=["mlmc5", "unbiased5"],
         curve_examples=1000,
         curve_samples=500,
         eval_examples=None,  # the whole test set
@@ -624,8 +639,10 @@ def continuation_config(a, dataset: str, estimator: str, seed: int, num_particle
     the run is, and a from-scratch run of it would retrace the shared warm start bit for bit),
     then ``continue_epochs`` epochs of ``estimator`` at ``lr``, evaluated after every epoch."""
     w = warm_config(a, dataset, seed)
+    extra = {"min_terms": num_particles} if estimator == "sumo" else {}  # base bound IWAE-S
     return dataclasses.replace(
         w,
+        **extra,
         estimator=estimator,
         num_particles=num_particles,
         max_iters=a.max_iters,
@@ -819,6 +836,18 @@ def parse_args(argv=None):
     )
     p.add_argument("--warm-epochs", type=int, help="warm-start presets: IWAE epochs (shared)")
     p.add_argument("--continue-epochs", type=int, help="warm-start presets: epochs after it")
+    p.add_argument(
+        "--continuations",
+        nargs="+",
+        choices=list(KNOWN_CONTINUATIONS),
+        help="warm-start presets: the continuations to run (default per preset)",
+    )
+    p.add_argument(
+        "--matched",
+        nargs="*",
+        help="warm-start presets: continuations that get a compute-matched IWAE (default per "
+        "preset; none with an empty list)",
+    )
     p.add_argument("--datasets", nargs="+")
     p.add_argument("--estimators", nargs="+", default=list(ESTIMATORS), choices=ESTIMATORS)
     p.add_argument("--seeds", type=int, nargs="+")
@@ -862,6 +891,8 @@ def parse_args(argv=None):
     )
     a = p.parse_args(argv)
     a.preset = _preset_name(p, a)
+    if a.continuations is not None:
+        a.continuations = [KNOWN_CONTINUATIONS[c] for c in a.continuations]
     for name, value in PRESETS[a.preset].items():
         if getattr(a, name, None) is None:
             setattr(a, name, value)
@@ -872,6 +903,12 @@ def parse_args(argv=None):
         if a.warm_epochs < 1 or a.continue_epochs < 1:
             p.error("--warm-epochs and --continue-epochs must be >= 1.")
         a.epochs = a.warm_epochs + a.continue_epochs
+        labels = [c[0] for c in a.continuations]
+        if labels[0] != "iwae5" and "iwae5" in labels:
+            a.continuations.sort(key=lambda c: c[0] != "iwae5")  # the paired reference first
+        missing = [m for m in a.matched if m not in labels]
+        if missing:
+            p.error(f"--matched {missing} are not among the continuations {labels}.")
     if a.num_particles < 2:
         p.error("--num-particles must be >= 2 (the CIS-based estimators need two particles).")
     if a.match_to != "none" and a.match_to not in a.estimators:
