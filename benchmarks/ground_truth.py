@@ -52,19 +52,76 @@ import numpy as np
 import optax
 
 from vaeml_jax import ground_truth as G
-from vaeml_jax.estimators import LoopOptions, make_elbo_grad, make_iwae_grad, make_unbiased_grad
+from vaeml_jax.estimators import (
+    LoopOptions,
+    make_elbo_grad,
+    make_iwae_grad,
+    make_mlmc_grad,
+    make_unbiased_grad,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _methods(model, iwae_s, unbiased, num_slots=None):
+def _methods(model, iwae_s, unbiased, num_slots=None, mlmc=(), chunk_size=None):
     out = [("exact", "-", "-", None), ("elbo", 1, "-", make_elbo_grad(model))]
     out += [(f"iwae-{s}", s, "-", make_iwae_grad(model, num_particles=s)) for s in iwae_s]
     for s, k, m in unbiased:
         loop = LoopOptions(num_slots=num_slots)
         est = make_unbiased_grad(model, num_particles=s, k=k, m=m, loop=loop)
         out.append((f"unbiased-{s} H{k}:{m}", s, f"{k}:{m}", est))
+    for n0, kind, rate, lmax in mlmc:
+        est = make_mlmc_grad(
+            model,
+            num_particles=n0,
+            rate=rate,
+            max_level=lmax,
+            estimator=kind,
+            chunk_size=chunk_size,
+        )
+        out.append((f"mlmc-{n0} {kind}", n0, "-", est))
     return out
+
+
+def _matched_iwae(model, rows, iwae_s, sources):
+    """IWAE-S with S = the mean executed evaluations per example per step of each row whose name
+    starts with one of ``sources`` (rounded), unless that S was run already: the bound at the
+    same cost."""
+    done, out = set(iwae_s), []
+    for r in rows:
+        if not r["method"].startswith(sources):
+            continue
+        s = max(1, int(round(float(np.mean(r["evals_per_example_step"])))))
+        if s in done:
+            continue
+        done.add(s)
+        out.append((f"iwae-{s} (= {r['method']})", s, "-", make_iwae_grad(model, num_particles=s)))
+    return out
+
+
+def _with_matched(methods, model, rows, args):
+    """Yield ``methods``, then the compute-matched IWAE runs of the rows they appended to
+    ``rows`` (read after the last one has run)."""
+    yield from methods
+    yield from _matched_iwae(model, rows, args.iwae_s, tuple(args.matched))
+
+
+def _method_notes(args):
+    notes = []
+    if args.mlmc:
+        notes.append(
+            f"mlmc-n0 = the MLMC-debiased IWAE gradient (Shi & Cornish 2021): level l uses "
+            f"n0 2^l draws, the level L has P(L = l) proportional to 2^(-{args.mlmc_rate:g} l), "
+            f"capped at {args.mlmc_max_level}; roulette = Y_0 + sum_(l<=L) Delta_l / P(L >= l), "
+            "single_term = Y_0 + Delta_L / P(L = l); IWAE encoder objective on the first n0 "
+            "draws; blocks run in chunks of N/4 (evaluations executed, padding included)."
+        )
+    if args.matched:
+        notes.append(
+            "iwae-S (= X): the compute-matched bound, S = X's mean executed log_joint "
+            "evaluations per example per step, rounded."
+        )
+    return (" " + " ".join(notes)) if notes else ""
 
 
 def _mean_se(a):
@@ -127,7 +184,8 @@ def run_ppca(args):
 
     optimizer = optax.sgd(G.robbins_monro(args.ppca_lr))
     rows, curves = [], {}
-    for name, s, km, est in _methods(gt.model, args.iwae_s, args.unbiased):
+    methods = _methods(gt.model, args.iwae_s, args.unbiased, mlmc=args.mlmc, chunk_size=N // 4)
+    for name, s, km, est in _with_matched(methods, gt.model, rows, args):
         est = G.make_exact_grad(gt) if est is None else est
         res, secs = _run_method(
             est, init_fn, x, optimizer, args.ppca_steps, args.seeds, record, args.record_every, None
@@ -164,7 +222,8 @@ def ppca_table(res, args):
         f"Polyak average of the last half; seeds {args.seeds}; mean +- SE over seeds. ML fit: "
         f"log-lik {fit['log_likelihood']:.4f} nats/point, s^2* = {fit['s2']:.4f}, "
         f"lambda_1 = {fit['eigenvalues'][0]:.4f}. gap = log-lik(ML) - log-lik (nats/point); "
-        "dist = ||(W W^T, b, s^2) - ML||; last = final iterate, avg = Polyak average.",
+        "dist = ||(W W^T, b, s^2) - ML||; last = final iterate, avg = Polyak average."
+        + _method_notes(args),
         "",
         "| method | S | k:m | log-lik (last) | gap (last) | gap (avg) | dist (last) | dist (avg) "
         "| s^2 - s^2* (avg) | mean meeting time | log_joint evals / example / step | s |",
@@ -289,8 +348,15 @@ def run_lfa(args):
     optimizer = optax.adam(G.robbins_monro(args.lfa_lr, args.lfa_decay))
     rows, curves, ref = [], {}, None
     # The work queue (same estimate as the plain loop) because the batch is the whole data set.
-    methods = _methods(gt.model, args.iwae_s, args.unbiased, num_slots=x.shape[0] // 4)
-    for name, s, km, est in methods:
+    methods = _methods(
+        gt.model,
+        args.iwae_s,
+        args.unbiased,
+        num_slots=x.shape[0] // 4,
+        mlmc=args.mlmc,
+        chunk_size=x.shape[0] // 4,
+    )
+    for name, s, km, est in _with_matched(methods, gt.model, rows, args):
         res, secs = _run_method(
             exact_grad if est is None else est,
             init_fn,
@@ -328,6 +394,183 @@ def run_lfa(args):
     return {"rows": rows, "pixels": int(x.shape[1])}, curves
 
 
+# ------------------------------------------------------------------------------------------------
+# Deep decoder (1-D latent, two hidden layers) with weight decay: a finite MAP optimum
+# ------------------------------------------------------------------------------------------------
+
+
+def _deep_data(args):
+    x = G.downsampled_binarized_mnist(args.deep_n, args.data_dir, size=args.deep_size)
+    mean = x.mean(0)  # as for lfa: keep the pixels that vary over the images
+    return jnp.asarray(x[:, (mean > 0) & (mean < 1)])
+
+
+def _align_first_layer(p, ref):
+    """||theta - theta*|| over every decoder parameter with the sign of z aligned (z -> -z flips
+    the first layer's weights and nothing else): (R,) for stacked seeds."""
+    dec, dec_ref = p["decoder"], ref["decoder"]
+    rest = sum(
+        jnp.sum((a - b) ** 2, axis=tuple(range(1, a.ndim)))
+        for a, b in zip(jax.tree.leaves(dec[1:]), jax.tree.leaves(dec_ref[1:]), strict=True)
+    )
+    rest = rest + jnp.sum((dec[0]["b"] - dec_ref[0]["b"]) ** 2, axis=-1)
+    plus = jnp.sum((dec[0]["w"] - dec_ref[0]["w"]) ** 2, axis=(-2, -1))
+    minus = jnp.sum((dec[0]["w"] + dec_ref[0]["w"]) ** 2, axis=(-2, -1))
+    return jnp.sqrt(rest + jnp.minimum(plus, minus))
+
+
+def _logit_distance(dec, dec_ref, grid):
+    """The prior-weighted RMS distance of two decoders' logits over the grid nodes,
+    sqrt(sum_g w_g mean_j (f(z_g)_j - f*(z_g)_j)^2), minimised over the sign of z: a distance
+    between the functions, blind to the hidden units' permutation and sign symmetries. The grid
+    is symmetric, so f*(-z_g) is f*(z) read backwards."""
+    w = jax.nn.softmax(grid.log_w)
+    f, f_ref = G._mlp(dec, grid.z), G._mlp(dec_ref, grid.z)
+    plus = jnp.sum(w * jnp.mean((f - f_ref) ** 2, -1))
+    minus = jnp.sum(w * jnp.mean((f - f_ref[::-1]) ** 2, -1))
+    return jnp.sqrt(jnp.minimum(plus, minus))
+
+
+def run_deep(args):
+    """The 1-D-latent VAE with a two-hidden-layer decoder and weight decay on it: the exact MAP
+    optimum by quadrature, every estimator plus the penalty's exact gradient, full-batch Adam with
+    a Robbins-Monro step and the Polyak average, to convergence."""
+    x = _deep_data(args)
+    lam = args.deep_wd
+    grid = G.uniform_grid(1, args.deep_grid, 6.0)
+    fine = G.uniform_grid(1, 4 * args.deep_grid, 6.0)
+    gt = G.grid_vae(grid, args.deep_proposal_std)
+    exact_grad = G.with_weight_decay(G.make_exact_grad(gt), lam)
+    hidden = tuple(args.deep_hidden)
+
+    def init_fn(key):
+        return G.grid_vae_init(key, x.shape[1], 1, hidden, args.deep_encoder_hidden)
+
+    def record(p):
+        g, _ = exact_grad(p, x)
+        norm = jnp.sqrt(sum(jnp.sum(a**2) for a in jax.tree.leaves(g["decoder"])))
+        ll = G.exact_log_likelihood(gt, p, x)
+        return {"obj": ll - 0.5 * lam * G.decoder_sq_norm(p), "ll": ll, "grad_norm": norm}
+
+    optimizer = optax.adam(G.robbins_monro(args.deep_lr, args.deep_decay))
+    rows, curves, ref = [], {}, None
+    methods = _methods(
+        gt.model,
+        args.iwae_s,
+        args.unbiased,
+        num_slots=x.shape[0] // 4,
+        mlmc=args.mlmc,
+        chunk_size=x.shape[0] // 4,
+    )
+    n_rec = args.deep_steps // args.record_every_deep
+    i90 = n_rec - 1 - max(1, n_rec // 10)  # the record 10% of the steps before the end
+    logit_dist = jax.jit(jax.vmap(lambda a, b: _logit_distance(a, b, grid)))
+    for name, s, km, est in _with_matched(methods, gt.model, rows, args):
+        res, secs = _run_method(
+            exact_grad if est is None else G.with_weight_decay(est, lam),
+            init_fn,
+            x,
+            optimizer,
+            args.deep_steps,
+            args.seeds,
+            record,
+            args.record_every_deep,
+            None,
+        )
+        tr = {k: np.asarray(v, np.float64) for k, v in res.trace.items()}
+        if ref is None:  # the exact-gradient run comes first: its averaged iterate is the optimum
+            ref = (tr, res.averaged)
+        curves[name] = {k: v.tolist() for k, v in tr.items()}
+        rows.append(
+            {
+                "method": name,
+                "S": s,
+                "k:m": km,
+                "obj_avg": tr["avg_obj"][:, -1],
+                "ll_avg": tr["avg_ll"][:, -1],
+                "gap_avg": ref[0]["avg_obj"][:, -1] - tr["avg_obj"][:, -1],
+                "dist_avg": np.asarray(_align_first_layer(res.averaged, ref[1])),
+                "logit_dist_avg": np.asarray(
+                    logit_dist(res.averaged["decoder"], ref[1]["decoder"])
+                ),
+                "grad_norm_avg": tr["avg_grad_norm"][:, -1],
+                "drift": tr["avg_obj"][:, -1] - tr["avg_obj"][:, i90],
+                "sq_norm": np.asarray(jax.vmap(G.decoder_sq_norm)(res.averaged)),
+                "meeting_mean": np.asarray(res.mean_meeting_time).mean(axis=1),
+                "evals_per_example_step": np.asarray(res.log_joint_evals)
+                / (x.shape[0] * args.deep_steps),
+                "grid_gap": _grid_gap(res, x, grid, fine, len(args.seeds)),
+                "seconds": secs,
+            }
+        )
+        print(f"  deep {name}: {secs:.1f} s", file=sys.stderr, flush=True)
+    # Is the optimum unique? The exact-gradient runs from the seeds' different initialisations.
+    opt = ref[1]
+    n = len(args.seeds)
+    pairs = [(i, j) for i in range(n) for j in range(i + 1, n)]
+    between = [
+        float(
+            _logit_distance(
+                jax.tree.map(lambda a, i=i: a[i], opt["decoder"]),
+                jax.tree.map(lambda a, j=j: a[j], opt["decoder"]),
+                grid,
+            )
+        )
+        for i, j in pairs
+    ]
+    exact_obj = ref[0]["avg_obj"][:, -1]
+    uniqueness = {
+        "objective_range": float(exact_obj.max() - exact_obj.min()),
+        "logit_distance_between_inits_max": max(between) if between else 0.0,
+    }
+    return {"rows": rows, "pixels": int(x.shape[1]), "uniqueness": uniqueness}, curves
+
+
+def deep_table(res, args):
+    grid_gap = max(r["grid_gap"] for r in res["rows"])
+    ex = res["rows"][0]
+    u = res["uniqueness"]
+    met = bool(np.all(ex["grad_norm_avg"] < 1e-3) and np.all(np.abs(ex["drift"]) < 1e-5))
+    h = "-".join(str(v) for v in args.deep_hidden)
+    lines = [
+        f"VAE, 1-D latent, Bernoulli MLP decoder 1-{h}-{res['pixels']} (tanh) with weight decay "
+        f"lambda = {args.deep_wd:g} on every decoder parameter theta: the MAP objective "
+        "(1/N) sum_i log p(x_i) - lambda/2 ||theta||^2; every estimator gets the penalty's exact "
+        f"gradient added. Proposal N(mu(x), {args.deep_proposal_std:g}^2), mu an MLP "
+        f"(D-{args.deep_encoder_hidden}-1). First {args.deep_n} statically binarized MNIST "
+        f"training images OR-pooled to {args.deep_size}x{args.deep_size}, the {res['pixels']} "
+        f"pixels that vary over them; exact log-lik by a {args.deep_grid}-point midpoint grid on "
+        f"[-6, 6] (max |difference| to a {4 * args.deep_grid}-point grid over every final model: "
+        f"{grid_gap:.2g} nats); full-batch Adam with the Robbins-Monro step "
+        f"{args.deep_lr}/(1+t/{args.deep_decay:g})^0.6, {args.deep_steps} steps, Polyak average "
+        f"of the last half (avg); seeds {args.seeds} (each its own initialisation); mean +- SE "
+        "over seeds. gap = exact-gradient run's MAP objective - this run's (same seed; "
+        "nats/image; > 0 is worse); dist = ||theta - theta*|| to the same seed's exact-gradient "
+        "averaged decoder (sign of z aligned); logit dist = prior-weighted RMS difference of the "
+        "decoders' logits over the grid (sign of z aligned; blind to hidden-unit symmetries); "
+        "|grad| = norm of the exact full-data gradient of the MAP objective in theta; drift = "
+        f"change of the averaged MAP objective over the last 10% of the steps. Convergence "
+        f"criterion for the exact run, |grad| < 1e-3 and |drift| < 1e-5 on every seed: "
+        f"{'met' if met else 'NOT met'}. The exact-gradient runs from the {len(args.seeds)} "
+        f"initialisations end {u['objective_range']:.2g} nats/image apart in the MAP objective, "
+        f"their decoders {u['logit_distance_between_inits_max']:.2g} apart in logit dist."
+        + _method_notes(args),
+        "",
+        "| method | S | k:m | MAP objective (avg) | gap (avg) | log-lik (avg) | dist (avg) "
+        "| logit dist (avg) | \\|grad\\| (avg) | drift | log_joint evals / example / step | s |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in res["rows"]:
+        lines.append(
+            f"| {r['method']} | {r['S']} | {r['k:m']} | {_fmt(r['obj_avg'], 6)} "
+            f"| {_fmt(r['gap_avg'], 3)} | {_fmt(r['ll_avg'], 6)} | {_fmt(r['dist_avg'], 3)} "
+            f"| {_fmt(r['logit_dist_avg'], 3)} | {_fmt(r['grad_norm_avg'], 3)} "
+            f"| {_fmt(r['drift'], 2)} | {_fmt(r['evals_per_example_step'], 3)} "
+            f"| {r['seconds']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
 def lfa_table(res, args):
     grid_gap = max(r["grid_gap"] for r in res["rows"])
     lines = [
@@ -344,7 +587,7 @@ def lfa_table(res, args):
         "nats/image; > 0 is worse); dist = ||(W, b) - (W*, b*)|| to the exact-gradient run's "
         "averaged decoder (sign of z aligned); |grad| = norm of the exact full-data decoder "
         "gradient (0 at a maximum of log p); drift = change of the averaged log-lik over the last "
-        f"{args.record_every_lfa} steps (convergence check).",
+        f"{args.record_every_lfa} steps (convergence check)." + _method_notes(args),
         "",
         "| method | S | k:m | exact log-lik (avg) | gap (avg) | dist (avg) | |grad| (avg) "
         "| drift | mean meeting time | log_joint evals / example / step | s |",
@@ -405,7 +648,7 @@ def _plot(curves, panels, steps, record_every, title, path):
             if y is None:
                 continue
             m = y.mean(0)
-            ax.plot(t, np.abs(m) if log else m, color=f"C{i % 10}", label=name)
+            ax.plot(t, np.abs(m) if log else m, color=plt.cm.tab20(i % 20), label=name)
         if log:
             ax.set_yscale("log")
         ax.set_xlabel("step")
@@ -423,7 +666,11 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="smoke run: tiny sizes and few steps")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument(
-        "--models", nargs="+", default=["ppca", "vae", "lfa"], choices=["ppca", "vae", "lfa"]
+        "--models",
+        nargs="+",
+        default=["ppca", "vae", "lfa"],
+        choices=["ppca", "vae", "lfa", "deep"],
+        help="deep: the 1-D-latent VAE with a two-hidden-layer decoder and weight decay",
     )
     ap.add_argument("--iwae-s", type=int, nargs="*", default=[2, 5, 20])
     ap.add_argument(
@@ -431,6 +678,28 @@ def main(argv=None):
         nargs="*",
         default=["5:0:0", "5:2:6"],
         help="S:k:m of each unbiased estimator (H_{k:m} with S particles)",
+    )
+    ap.add_argument(
+        "--mlmc",
+        type=int,
+        nargs="*",
+        default=[5],
+        help="n0 of each MLMC estimator (level-0 draws; none: no MLMC rows)",
+    )
+    ap.add_argument(
+        "--mlmc-estimators",
+        nargs="+",
+        default=["roulette", "single_term"],
+        choices=["roulette", "single_term"],
+    )
+    ap.add_argument("--mlmc-rate", type=float, default=1.5)
+    ap.add_argument("--mlmc-max-level", type=int, default=10)
+    ap.add_argument(
+        "--matched",
+        nargs="*",
+        default=["mlmc", "unbiased-5 H0:0"],
+        help="add IWAE-S with S = the mean evaluations per example per step of the rows whose "
+        "name starts with each of these (the compute-matched bound)",
     )
     ap.add_argument("--ppca-proposal", default="fixed_encoder", choices=["fixed_encoder", "prior"])
     ap.add_argument("--sigma0", type=float, default=1.0)
@@ -461,6 +730,22 @@ def main(argv=None):
     ap.add_argument("--lfa-lr", type=float, default=0.05)
     ap.add_argument("--lfa-decay", type=float, default=500.0)
     ap.add_argument("--record-every-lfa", type=int, default=250)
+    ap.add_argument("--deep-n", type=int, default=200)
+    ap.add_argument("--deep-size", type=int, default=7, help="image side after OR-pooling")
+    ap.add_argument("--deep-hidden", type=int, nargs="+", default=[16, 16])
+    ap.add_argument(
+        "--deep-wd",
+        type=float,
+        default=1e-2,
+        help="lambda of the penalty lambda/2 ||theta||^2 on the decoder (per image)",
+    )
+    ap.add_argument("--deep-proposal-std", type=float, default=1.0)
+    ap.add_argument("--deep-grid", type=int, default=400, help="grid points on [-6, 6]")
+    ap.add_argument("--deep-encoder-hidden", type=int, default=16)
+    ap.add_argument("--deep-steps", type=int, default=5000)
+    ap.add_argument("--deep-lr", type=float, default=0.05)
+    ap.add_argument("--deep-decay", type=float, default=500.0)
+    ap.add_argument("--record-every-deep", type=int, default=250)
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--plots", default=str(REPO / "benchmarks" / "plots"))
     ap.add_argument("--json", default=None)
@@ -472,7 +757,15 @@ def main(argv=None):
         args.ppca_n, args.vae_n, args.hidden, args.grid = 50, 60, 16, 40
         args.lfa_n, args.lfa_size, args.lfa_grid, args.lfa_steps = 40, 7, 100, 100
         args.record_every_lfa = 50
+        args.deep_n, args.deep_grid, args.deep_steps, args.record_every_deep = 60, 100, 100, 10
     args.unbiased = [tuple(int(v) for v in u.split(":")) for u in args.unbiased]
+    if args.quick:
+        args.mlmc, args.mlmc_estimators, args.mlmc_max_level = args.mlmc[:1], ["roulette"], 4
+    args.mlmc = [
+        (n0, kind, args.mlmc_rate, args.mlmc_max_level)
+        for n0 in args.mlmc
+        for kind in args.mlmc_estimators
+    ]
 
     header = (
         f"# ground_truth.py  {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}  "
@@ -552,6 +845,33 @@ def main(argv=None):
             f"Logistic factor model, 1-D latent, exact log-lik by quadrature (mean over seeds "
             f"{args.seeds})",
             Path(args.plots) / "ground_truth_lfa.png",
+        )
+    if "deep" in args.models:
+        res, curves = run_deep(args)
+        print(
+            "\n## Deep decoder, 1-D latent, weight decay (MAP)\n\n" + deep_table(res, args) + "\n",
+            flush=True,
+        )
+        out["deep"], out["deep_curves"] = res, curves
+        ref_avg = np.asarray(curves["exact"]["avg_obj"])
+        _plot(
+            curves,
+            [
+                ("avg_obj", "exact MAP objective per image (nats), Polyak average", False,
+                 lambda y, n: y),
+                (
+                    "avg_obj",
+                    "exact-gradient run's MAP objective - this run's (Polyak avg, same seed)",
+                    True,
+                    lambda y, n: None if n == "exact" else ref_avg - y,
+                ),
+                ("avg_grad_norm", "|exact MAP gradient|, Polyak average", True, lambda y, n: y),
+            ],
+            args.deep_steps,
+            args.record_every_deep,
+            f"1-D-latent VAE, decoder 1-{'-'.join(map(str, args.deep_hidden))}-P with weight decay "
+            f"{args.deep_wd:g}, exact MAP objective by quadrature (mean over seeds {args.seeds})",
+            Path(args.plots) / "ground_truth_deep.png",
         )
     print(f"total {time.perf_counter() - t_start:.0f} s wall", file=sys.stderr)
     if args.json:

@@ -75,8 +75,9 @@ Settings (what each preset runs; flags override single values):
   for 20 epochs (12,000 steps, lr 1e-3), then 5 epochs (3,000 steps) at lr 3e-5 (the unbiased
   continuation's best measured step, ``optimizer_study.py``) of IWAE-5 and of the three unbiased
   estimators (coupled chains, MLMC and SUMO, each with S = n_0 = min_terms = 5), and the
-  compute-matched IWAE of MLMC and of the coupled chains; K = 5000 on the whole test set, AIS (1,000 temperatures, 16 chains) on 100
-  images of seed 0, in-training IS (K = 500, 1,000 images) after every continuation epoch.
+  compute-matched IWAE of MLMC and of the coupled chains; K = 5000 on the whole test set, AIS
+  (1,000 temperatures, 16 chains) on 100 images of seed 0, in-training IS (K = 500, 1,000
+  images) after every continuation epoch.
   ``--continuations`` and ``--matched`` run a subset (finished runs are reused either way).
 
 Outputs in ``--out`` (default ``runs/reproduce``): one run directory per (dataset, label, seed) as

@@ -24,6 +24,15 @@ Four measurements on the IWAE paper's one-layer MNIST VAE (``vaeml_jax.training.
    has mean grad log p(x) exactly (up to capped lanes), the squared bias of IWAE-S,
    ||E g_IWAE - E g_unb||^2, is estimated as ||g_bar_IWAE - g_bar_ref||^2 minus the two noise
    terms tr Cov/R, with the unbiased configuration of smallest tr Cov/R as the reference.
+   Beside them, on the same minibatch, states and keys: SUMO (``make_sumo_grad``, one row per
+   max_terms in ``--sumo``; own evaluations 2(1 + J), both passes over the draws it uses) and the
+   MLMC estimators (``make_mlmc_grad``, one row per ``estimator,max_level`` in ``--mlmc`` at
+   n_0 = ``--mlmc-particles``, rate ``--mlmc-rate``; own evaluations the library's
+   ``own_log_joint_evals``, 2 n_0 2^L + n_0), whose squared distance to the reference mean is
+   reported the same way (a consistency check: both are unbiased up to their caps). Because an
+   estimator with an infinite variance still gives a finite sample tr Cov, every row also gets a
+   robust spread (median / p90 / p99 / max of ||g_r - g_bar||), the largest replicate's share of
+   the summed squared deviations, and tr Cov from the first R/4, R/2 and R replicates.
 3. **Meeting-time distributions** over S (the lanes of part 2, init and trained) and over training
    (part 1, per epoch), as survival functions P(tau > t), with the fraction of capped lanes.
 4. **Encoder objective**: meeting times per epoch and test log-likelihood per objective (part 1).
@@ -45,7 +54,15 @@ differences to ``iwae`` paired by seed.
     python benchmarks/variance.py --encoder-summary runs/variance/variance.json \
         runs/variance_seed1/variance.json runs/variance_seed2/variance.json
 
-References: Ruiz, Titsias, Cemgil & Doucet (UAI 2021); Jacob, O'Leary & Atchade (JRSS-B 2020);
+Part 2 over more seeds: ``--encoder-objectives iwae --seed N`` trains the ``iwae`` run alone and
+measures part 2 at its states; ``--variance-summary A.json B.json ...`` tabulates tr Cov, own
+evaluations and their product per estimator and state across those runs, mean +- SE over seeds.
+
+    python benchmarks/variance.py --train-examples 10000 --encoder-objectives iwae --seed 1
+    python benchmarks/variance.py --variance-summary runs/variance/variance.json \
+        runs/variance_seed1/variance.json runs/variance_seed2/variance.json
+
+References: Luo et al. (SUMO, ICLR 2020); Shi & Cornish (MLMC, AISTATS 2021); Ruiz, Titsias, Cemgil & Doucet (UAI 2021); Jacob, O'Leary & Atchade (JRSS-B 2020);
 Burda, Grosse & Salakhutdinov (ICLR 2016).
 """
 
@@ -98,6 +115,8 @@ PRESETS = {
         iwae_s=[2, 5, 10, 50],
         unbiased_s=[2, 5, 10, 20],
         km=["0,2", "2,4"],
+        sumo=[128],
+        mlmc=["roulette,10", "single_term,10", "roulette,6", "single_term,6"],
         hidden=[200, 200],
         latent_dim=50,
     ),
@@ -114,6 +133,8 @@ PRESETS = {
         iwae_s=[2],
         unbiased_s=[2],
         km=["0,1"],
+        sumo=[],
+        mlmc=[],
         hidden=[16],
         latent_dim=4,
     ),
@@ -234,6 +255,41 @@ def brief_training(a, log) -> dict:
     return out
 
 
+def spread_stats(g: np.ndarray) -> dict:
+    """Robust spread of R gradient vectors g (R, P) and how tr Cov moves with the replicate count.
+
+    ``norm_*``: median, 90th and 99th percentile and max of ||g_r - g_bar||; ``max_share``: the
+    largest replicate's share of sum_r ||g_r - g_bar||^2 (about a few / R for a light-tailed
+    estimator, near 1 when one replicate carries the estimate, the sign of an infinite variance);
+    ``trace_cov_by_r``: tr Cov from the first R/4, R/2 and all R replicates (each with its own
+    mean). With a finite variance the three agree within their noise; with an infinite one the
+    estimate tends to grow with R, and jumps whenever a new extreme replicate arrives.
+    """
+    r = g.shape[0]
+    d = np.sqrt(np.sum((g - g.mean(0)) ** 2, axis=1))
+    by_r = {}
+    for n in sorted({max(2, r // 4), max(2, r // 2), r}):
+        by_r[str(n)] = trace_cov(g[:n])[0]
+    return {
+        "norm_median": float(np.median(d)),
+        "norm_p90": float(np.percentile(d, 90)),
+        "norm_p99": float(np.percentile(d, 99)),
+        "norm_max": float(d.max()),
+        "max_share": float(np.max(d**2) / np.sum(d**2)),
+        "trace_cov_by_r": by_r,
+    }
+
+
+def level_stats(n: np.ndarray) -> dict:
+    """The random level L (MLMC) or number of terms J (SUMO) over all lanes of all replicates."""
+    n = np.asarray(n, np.float64).ravel()
+    return {
+        "mean": float(n.mean()),
+        "p99": float(np.percentile(n, 99)),
+        "max": int(n.max()),
+    }
+
+
 def estimator_configs(a) -> list[dict]:
     cfgs = [{"name": f"iwae S={s}", "kind": "iwae", "S": s, "k": 0, "m": 0} for s in a.iwae_s]
     cfgs += [
@@ -251,12 +307,40 @@ def estimator_configs(a) -> list[dict]:
                 "m": m,
             }
         )
+    for j in a.sumo:
+        cfgs.append(
+            {"name": f"sumo J_max={j}", "kind": "sumo", "S": 1, "k": 0, "m": 0, "max_terms": j}
+        )
+    for spec in a.mlmc:
+        est, lmax = spec.split(",")
+        cfgs.append(
+            {
+                "name": f"mlmc {est} n0={a.mlmc_particles} r={a.mlmc_rate:g} L_max={lmax}",
+                "kind": "mlmc",
+                "S": a.mlmc_particles,
+                "k": 0,
+                "m": 0,
+                "estimator": est,
+                "rate": a.mlmc_rate,
+                "max_level": int(lmax),
+            }
+        )
     return cfgs
 
 
 def make_grad(model, c: dict, max_iters: int):
     if c["kind"] == "iwae":
         return vj.make_iwae_grad(model, num_particles=c["S"])
+    if c["kind"] == "sumo":  # the library's defaults otherwise (m = 1, encoder sumo_variance)
+        return vj.make_sumo_grad(model, max_terms=c["max_terms"])
+    if c["kind"] == "mlmc":  # encoder objective: the default iwae, B n_0 more evaluations
+        return vj.make_mlmc_grad(
+            model,
+            num_particles=c["S"],
+            rate=c["rate"],
+            max_level=c["max_level"],
+            estimator=c["estimator"],
+        )
     return vj.make_unbiased_grad(
         model, num_particles=c["S"], k=c["k"], m=c["m"], max_iters=max(max_iters, c["m"])
     )
@@ -281,7 +365,7 @@ def variance_study(a, vae, states: dict, x: np.ndarray, log) -> list[dict]:
 
         for state_name, params in states.items():
             t0 = time.perf_counter()
-            gs, taus, iters, capped, evals = [], [], [], [], []
+            gs, taus, iters, capped, evals, owns = [], [], [], [], [], []
             for r in range(a.replicates):
                 g, info = call(params, jax.random.fold_in(jax.random.key(a.seed + 7), r))
                 gs.append(np.asarray(g, np.float64))
@@ -289,11 +373,20 @@ def variance_study(a, vae, states: dict, x: np.ndarray, log) -> list[dict]:
                 iters.append(np.asarray(info["num_iters"]))
                 capped.append(np.asarray(info["capped"]))
                 evals.append(int(info["num_log_joint_evals"]) / B)
+                if c["kind"] == "mlmc":
+                    owns.append(np.asarray(info["own_log_joint_evals"]))
             g = np.stack(gs)
             tc, tc_se = trace_cov(g)
             iters = np.stack(iters)
             S = c["S"]
-            own = 2 * S + (S + 1) * iters if c["kind"] == "unbiased" else np.full(iters.shape, S)
+            if c["kind"] == "unbiased":
+                own = 2 * S + (S + 1) * iters
+            elif c["kind"] == "mlmc":  # 2 n_0 2^L (both passes) + n_0 (encoder objective)
+                own = np.stack(owns)
+            elif c["kind"] == "sumo":  # both passes over the m + J = 1 + J draws it uses
+                own = 2 * (1 + iters)
+            else:
+                own = np.full(iters.shape, S)
             row = {
                 **c,
                 "state": state_name,
@@ -305,16 +398,23 @@ def variance_study(a, vae, states: dict, x: np.ndarray, log) -> list[dict]:
                 "evals_executed": float(np.mean(evals)),
                 "evals_own": float(np.mean(own)),
                 "capped_fraction": float(np.mean(np.stack(capped))),
+                "spread": spread_stats(g),
                 "seconds": time.perf_counter() - t0,
             }
             if c["kind"] == "unbiased":
                 row["meeting_times"] = np.stack(taus).ravel()
                 row["tau"] = tau_stats(row["meeting_times"])
+            if c["kind"] in ("mlmc", "sumo"):
+                row["levels"] = level_stats(iters)
             rows.append(row)
+            sp = row["spread"]
             log(
                 f"  {c['name']:<24} {state_name:<8} trCov {tc:.4g} +- {tc_se:.2g}, "
                 f"evals/example own {row['evals_own']:.1f} executed {row['evals_executed']:.1f}, "
-                f"capped {row['capped_fraction']:.3f}, {row['seconds']:.1f}s"
+                f"capped {row['capped_fraction']:.3f}, |g-gbar| median {sp['norm_median']:.3g} "
+                f"p99 {sp['norm_p99']:.3g} max share {sp['max_share']:.2f}, "
+                f"trCov by R {' / '.join(f'{v:.3g}' for v in sp['trace_cov_by_r'].values())}, "
+                f"{row['seconds']:.1f}s"
             )
     # Squared bias of each IWAE-S against the best-determined unbiased mean (same state).
     for state_name in states:
@@ -323,7 +423,7 @@ def variance_study(a, vae, states: dict, x: np.ndarray, log) -> list[dict]:
             continue
         ref = min(unb, key=lambda r: r["trace_cov"] / r["replicates"])
         for r in rows:
-            if r["state"] == state_name and r["kind"] == "iwae":
+            if r["state"] == state_name and r["kind"] in ("iwae", "sumo", "mlmc"):
                 d2 = float(np.sum((r["mean_grad"] - ref["mean_grad"]) ** 2))
                 noise = r["trace_cov"] / r["replicates"] + ref["trace_cov"] / ref["replicates"]
                 r["bias_sq"] = d2 - noise
@@ -387,6 +487,17 @@ def _plot_variance(plt, rows, states, plots: Path) -> list[str]:
                     capsize=2,
                     ls="none",
                     label=f"unbiased S={r['S']} k={r['k']} m={r['m']}",
+                )
+        for r in rs:
+            if r["kind"] in ("sumo", "mlmc"):
+                ax.errorbar(
+                    r["evals_own"],
+                    r["trace_cov"],
+                    yerr=r["trace_cov_se"],
+                    marker="D" if r["kind"] == "sumo" else "v",
+                    capsize=2,
+                    ls="none",
+                    label=r["name"],
                 )
         ax.set_xscale("log")
         ax.set_yscale("log")
@@ -456,6 +567,8 @@ def markdown(a, rows, training) -> str:
     lines = []
     if rows:
         lines += variance_table(rows) + [""]
+        if any("spread" in r for r in rows):
+            lines += spread_table(rows) + [""]
     lines += [
         "#### Meeting times over training, by encoder objective (unbiased, "
         f"S = {a.num_particles}, k = m = 0, seed {a.seed})",
@@ -510,6 +623,80 @@ def variance_table(rows) -> list[str]:
             f"{tau} |"
         )
     return lines
+
+
+def spread_table(rows) -> list[str]:
+    """The robust spread of each row and tr Cov against the replicate count (``spread_stats``)."""
+    rows = [r for r in rows if "spread" in r]
+    counts = list(rows[0]["spread"]["trace_cov_by_r"])
+    lines = [
+        "#### Spread of the decoder gradient and tr Cov against the replicate count",
+        "",
+        "| estimator | model | median / p90 / p99 / max of \\|g - g_bar\\| | max share | "
+        + " | ".join(f"tr Cov, first {n}" for n in counts)
+        + " | L (MLMC) or J (SUMO): mean / p99 / max |",
+        "| --- " * (4 + len(counts)) + "| --- |",
+    ]
+    for r in rows:
+        sp = r["spread"]
+        lev = r.get("levels")
+        lev = f"{lev['mean']:.2f} / {lev['p99']:.0f} / {lev['max']}" if lev else ""
+        by_r = [sp["trace_cov_by_r"].get(n) for n in counts]
+        lines.append(
+            f"| {r['name']} | {r['state']} | {sp['norm_median']:.3g} / {sp['norm_p90']:.3g} / "
+            f"{sp['norm_p99']:.3g} / {sp['norm_max']:.3g} | {sp['max_share']:.2f} | "
+            + " | ".join("" if v is None else f"{v:.4g}" for v in by_r)
+            + f" | {lev} |"
+        )
+    return lines
+
+
+def variance_summary(results: list[dict]) -> str:
+    """Part 2 across seeds: one finished run's JSON per seed (``--variance-summary``).
+
+    Per estimator and model state: tr Cov, own evaluations per example and their product, mean
+    +- SE over seeds (each seed its own initialization, training and replicate keys), the
+    product of each seed, and the median of ||g - g_bar|| (mean over seeds).
+    """
+    seeds = [r["settings"]["seed"] for r in results]
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"--variance-summary needs one run per seed, got seeds {seeds}.")
+    keys = ("dataset", "train_examples", "epochs", "batch_size", "var_batch", "replicates")
+    for r in results[1:]:
+        diff = [k for k in keys if r["settings"].get(k) != results[0]["settings"].get(k)]
+        if diff:
+            raise ValueError(f"--variance-summary: runs differ in {diff}; not comparable.")
+    by_key: dict[tuple, list] = {}
+    for res in results:
+        for r in res["variance"]:
+            by_key.setdefault((r["name"], r["state"]), []).append(r)
+    st = results[0]["settings"]
+
+    def mean_se(v, fmt=".4g"):
+        v = np.asarray(v, np.float64)
+        se = v.std(ddof=1) / math.sqrt(v.size) if v.size > 1 else float("nan")
+        return f"{v.mean():{fmt}} +- {se:.2g}"
+
+    lines = [
+        f"#### Gradient variance against cost across seeds {seeds} (decoder gradient, "
+        f"{st['var_batch']} images, {st['replicates']} replicates; mean +- SE over seeds)",
+        "",
+        "| estimator | model | seeds | tr Cov | evals/example (own) | tr Cov x own evals | "
+        "tr Cov x own evals by seed | median \\|g - g_bar\\| | max share (max over seeds) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for (name, state), rs in by_key.items():
+        tc = [r["trace_cov"] for r in rs]
+        ev = [r["evals_own"] for r in rs]
+        prod = [t * e for t, e in zip(tc, ev, strict=True)]
+        med = [r["spread"]["norm_median"] for r in rs if "spread" in r]
+        share = [r["spread"]["max_share"] for r in rs if "spread" in r]
+        lines.append(
+            f"| {name} | {state} | {len(rs)} | {mean_se(tc)} | {mean_se(ev, '.1f')} | "
+            f"{mean_se(prod)} | {' / '.join(f'{v:.3g}' for v in prod)} | "
+            + (f"{np.mean(med):.3g} | {max(share):.2f} |" if med else " | |")
+        )
+    return "\n".join(lines)
 
 
 def encoder_summary(results: list[dict]) -> str:
@@ -576,6 +763,22 @@ def parse_args(argv=None):
     p.add_argument("--iwae-s", type=int, nargs="+")
     p.add_argument("--unbiased-s", type=int, nargs="+")
     p.add_argument("--km", nargs="*", help="'k,m' pairs for the unbiased estimator at S")
+    p.add_argument(
+        "--sumo",
+        type=int,
+        nargs="*",
+        metavar="J_MAX",
+        help="SUMO rows, one per max_terms (library defaults otherwise); none: no SUMO rows",
+    )
+    p.add_argument(
+        "--mlmc",
+        nargs="*",
+        metavar="EST,L_MAX",
+        help="MLMC rows, 'estimator,max_level' pairs (estimator roulette or single_term), at "
+        "n_0 = --mlmc-particles and rate --mlmc-rate; none: no MLMC rows",
+    )
+    p.add_argument("--mlmc-particles", type=int, default=5, help="n_0 of the MLMC rows")
+    p.add_argument("--mlmc-rate", type=float, default=1.5, help="rate r of the MLMC rows")
     p.add_argument("--max-iters", type=int, default=1000)
     p.add_argument("--hidden", type=int, nargs="+")
     p.add_argument("--latent-dim", type=int)
@@ -605,6 +808,12 @@ def parse_args(argv=None):
         help="part 4 across seeds from finished runs' JSON files, one per seed (no computation)",
     )
     p.add_argument(
+        "--variance-summary",
+        nargs="+",
+        metavar="FILE",
+        help="part 2 across seeds from finished runs' JSON files, one per seed (no computation)",
+    )
+    p.add_argument(
         "--from-json",
         metavar="FILE",
         help="re-render the tables and plots of a finished run's JSON (no computation)",
@@ -626,6 +835,12 @@ def parse_args(argv=None):
             p.error(f"--km takes 'k,m' pairs like 0,2; got {km!r}.")
         if not 0 <= k <= m:
             p.error(f"--km needs 0 <= k <= m, got {km!r}.")
+    if any(j < 1 for j in a.sumo):
+        p.error("--sumo takes max_terms values >= 1.")
+    for spec in a.mlmc:
+        est, _, lmax = spec.partition(",")
+        if est not in ("roulette", "single_term") or not lmax.isdigit() or int(lmax) < 1:
+            p.error(f"--mlmc takes 'estimator,max_level' pairs like roulette,10; got {spec!r}.")
     # Other seeds and part-1-only runs must not overwrite the recorded run or its figures.
     if a.work is None:
         a.work = str(REPO / "runs" / ("variance" if a.seed == 0 else f"variance_seed{a.seed}"))
@@ -682,6 +897,13 @@ def main(argv=None) -> dict:
     a = parse_args(argv)
     if a.from_json:
         return rerender(a)
+    if a.variance_summary:
+        results = [json.loads(Path(f).read_text()) for f in a.variance_summary]
+        try:
+            print(variance_summary(results))
+        except ValueError as e:
+            raise SystemExit(f"variance.py: {e}") from None
+        return {"variance_summary": a.variance_summary}
     if a.encoder_summary:
         results = [json.loads(Path(f).read_text()) for f in a.encoder_summary]
         try:

@@ -39,7 +39,7 @@ does.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -66,6 +66,9 @@ __all__ = [
     "grid_vae_init",
     "grid_vae_log_likelihood",
     "grid_resolution_gap",
+    "decoder_sq_norm",
+    "with_weight_decay",
+    "map_objective",
     "downsampled_binarized_mnist",
     "FitResult",
     "fit",
@@ -402,20 +405,27 @@ def grid_vae_init(
     key: Array,
     data_dim: int,
     latent_dim: int = 2,
-    hidden: int = 64,
+    hidden: int | Sequence[int] = 64,
     encoder_hidden: int | None = None,
 ) -> Params:
     """Glorot-normal MLPs for :func:`grid_vae`: decoder d -> hidden -> D, encoder
-    D -> encoder_hidden -> 2d (default ``hidden``, or 32 when ``hidden = 0``); biases zero except
-    the encoder's log-sigma bias at -1 (q starts narrower than the prior).
+    D -> encoder_hidden -> 2d (default the first hidden width, or 32 when ``hidden = 0``); biases
+    zero except the encoder's log-sigma bias at -1 (q starts narrower than the prior).
 
     ``hidden = 0`` makes the decoder linear, logits = W z + b: a logistic factor model, whose
     maximum-likelihood problem on a few hundred images is well posed (an MLP decoder keeps raising
     log p(x) for >10^4 steps as it memorises the images, so "the optimum" is never reached).
+    A sequence of widths, e.g. ``(16, 16)``, gives a decoder with that many tanh hidden layers
+    (d -> 16 -> 16 -> D); its maximum-likelihood problem needs a penalty to have a finite optimum
+    (:func:`with_weight_decay`).
     """
-    if hidden < 0:
-        raise ValueError(f"hidden must be >= 0 (0: a linear decoder), got {hidden}.")
-    enc_hidden = encoder_hidden if encoder_hidden is not None else (hidden or 32)
+    widths = (hidden,) if isinstance(hidden, int) else tuple(hidden)
+    if not widths or any(h < 0 for h in widths) or (len(widths) > 1 and 0 in widths):
+        raise ValueError(
+            f"hidden must be >= 0 (0: a linear decoder) or a sequence of widths >= 1, got {hidden}."
+        )
+    widths = tuple(h for h in widths if h)
+    enc_hidden = encoder_hidden if encoder_hidden is not None else (widths[0] if widths else 32)
 
     def layer(k, n_in, n_out):
         return {
@@ -424,10 +434,14 @@ def grid_vae_init(
         }
 
     k = jax.random.split(key, 4)
-    if hidden:
-        dec = [layer(k[0], latent_dim, hidden), layer(k[1], hidden, data_dim)]
-    else:
+    if len(widths) == 1:
+        dec = [layer(k[0], latent_dim, widths[0]), layer(k[1], widths[0], data_dim)]
+    elif not widths:
         dec = [layer(k[1], latent_dim, data_dim)]
+    else:  # more hidden layers: keys of their own (the one- and zero-layer keys stay as they were)
+        sizes = (latent_dim, *widths, data_dim)
+        kd = jax.random.split(k[0], len(sizes) - 1)
+        dec = [layer(kd[i], sizes[i], sizes[i + 1]) for i in range(len(sizes) - 1)]
     enc = [layer(k[2], data_dim, enc_hidden), layer(k[3], enc_hidden, 2 * latent_dim)]
     enc[1]["b"] = enc[1]["b"].at[latent_dim:].set(-1.0)
     return {"decoder": dec, "encoder": enc}
@@ -448,6 +462,47 @@ def grid_resolution_gap(
     a = grid_vae_log_likelihood(params, x, coarse)
     b = grid_vae_log_likelihood(params, x, fine)
     return float(jnp.max(jnp.abs(a - b)))
+
+
+def decoder_sq_norm(params: Params) -> Array:
+    r""":math:`\|\theta\|^2`, the squared Euclidean norm of every decoder parameter (weights and
+    biases): a scalar."""
+    return sum(jnp.sum(a**2) for a in jax.tree.leaves(params["decoder"]))
+
+
+def map_objective(
+    ground_truth: GroundTruth, params: Params, x: Array, weight_decay: float
+) -> Array:
+    r"""The penalised (MAP) objective per datapoint,
+    :math:`(1/B) \sum_i \log p_\theta(x_i) - (\lambda/2) \|\theta\|^2`, \lambda =
+    ``weight_decay``, \theta the decoder's parameters: a scalar."""
+    return exact_log_likelihood(ground_truth, params, x) - 0.5 * weight_decay * decoder_sq_norm(
+        params
+    )
+
+
+def with_weight_decay(estimator: Callable, weight_decay: float) -> Callable:
+    r"""An estimator of the penalised loss :math:`-(1/B) \sum_i \log p_\theta(x_i) +
+    (\lambda/2) \|\theta\|^2` (\theta the decoder's parameters) from one of the unpenalised
+    loss: the penalty's exact gradient \lambda \theta is added to ``grads["decoder"]``.
+
+    The penalty is known exactly, so an unbiased estimator stays unbiased for the penalised
+    gradient and a biased one keeps its bias. A Gaussian prior N(0, 1/(N \lambda)) on \theta
+    makes the penalised objective the log posterior per datapoint; with \lambda > 0 it tends to
+    -infinity as \|\theta\| grows, so it has a finite maximiser even where the likelihood
+    alone keeps growing (a deep decoder memorising a few hundred images).
+    """
+    lam = float(weight_decay)
+    if not (math.isfinite(lam) and lam >= 0.0):
+        raise ValueError(f"weight_decay must be a finite lambda >= 0, got {weight_decay}.")
+
+    def penalised(params, x, key=None):
+        grads, info = estimator(params, x, key)
+        dec = jax.tree.map(lambda g, p: g + (lam * p).astype(g.dtype), grads["decoder"],
+                           params["decoder"])
+        return {**grads, "decoder": dec}, info
+
+    return penalised
 
 
 def downsampled_binarized_mnist(
