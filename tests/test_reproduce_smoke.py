@@ -214,7 +214,14 @@ def test_warm_start_and_long_presets_plan(capsys):
     assert {r["epochs"] for r in long if r["label"] != "warm_start"} == {200}
     assert "| mnist | unbiased10 | 0 | 10 | 100 | 200 |" in capsys.readouterr().out
     cpu = reproduce.main(["--preset", "long_cpu", "--plan", "--compilation-cache", ""])["plan"]
-    labels = ["warm_start", "iwae5", "unbiased5", "iwae_matched_unbiased5"]
+    labels = ["warm_start", "iwae5", "mlmc5", "unbiased5", "sumo5"]
+    labels += ["iwae_matched_mlmc5", "iwae_matched_unbiased5"]
     assert [r["label"] for r in cpu if r["seed"] == 0] == labels
     assert all(r["max_train_examples"] is None and r["eval_examples"] is None for r in cpu)
     assert {(r["epochs"], r["lr"]) for r in cpu if r["label"] != "warm_start"} == {(25, 3e-5)}
+    sub = ["--preset", "long_cpu", "--plan", "--compilation-cache", "", "--seeds", "0"]
+    sub += ["--continuations", "sumo5", "iwae5", "--matched", "sumo5"]
+    rows = reproduce.main(sub)["plan"]  # the paired reference (iwae5) is put first
+    assert [r["label"] for r in rows] == ["warm_start", "iwae5", "sumo5", "iwae_matched_sumo5"]
+    with pytest.raises(SystemExit):
+        reproduce.main([*sub[:-1], "mlmc5"])  # a matched row needs its continuation
