@@ -309,3 +309,43 @@ def test_grid_vae_options_are_validated_and_shaped():
         G.grid_vae(G.uniform_grid(1, 50, 6.0), proposal_std=0.0)
     with pytest.raises(ValueError, match="hidden"):
         G.grid_vae_init(jax.random.key(0), 6, 1, -1)
+
+
+def test_deep_decoder_grid_and_weight_decay():
+    """A 1-D latent with a two-hidden-layer decoder (1-16-16-P): the 400-point grid log p(x)
+    agrees with a 4x finer grid and, within 5 SE, with prior-proposal importance sampling; the
+    penalised exact gradient is the gradient of the MAP objective log p - lambda/2 ||theta||^2
+    (so an unbiased estimator plus the penalty's exact gradient stays unbiased for it)."""
+    P, B, K, lam = 12, 6, 4_000, 0.01
+    grid, fine = G.uniform_grid(1, 400, 6.0), G.uniform_grid(1, 1600, 6.0)
+    gt = G.grid_vae(grid, proposal_std=1.0)
+
+    @jax.jit
+    def compute(key):
+        k1, k2, k3 = jax.random.split(key, 3)
+        p = G.grid_vae_init(k1, P, 1, (16, 16), 8)
+        x = (jax.random.uniform(k2, (B, P)) < 0.4).astype(jnp.float32)
+        z = jax.random.normal(k3, (K, 1))
+        # log p(x | z) at prior draws: the prior is the proposal
+        lw = jax.vmap(lambda xi: jax.vmap(lambda zk: gt.model.log_joint(p, xi, zk))(z))(x)
+        lw = lw + 0.5 * z[:, 0] ** 2 + 0.5 * jnp.log(2 * jnp.pi)
+        fine_ll = G.grid_vae_log_likelihood(p, x, fine)
+        grads, _ = G.with_weight_decay(G.make_exact_grad(gt), lam)(p, x, None)
+        want = jax.grad(lambda q: -G.map_objective(gt, q, x, lam))(p)
+        return p, gt.log_likelihood(p, x), fine_ll, lw, grads, want
+
+    p, ll, fine_ll, lw, grads, want = compute(jax.random.key(3))
+    assert [layer["w"].shape for layer in p["decoder"]] == [(1, 16), (16, 16), (16, P)]
+    assert float(jnp.max(jnp.abs(ll - fine_ll))) < 1e-4
+    lw = np.asarray(lw, np.float64)
+    w = np.exp(lw - lw.max(1, keepdims=True))
+    ll_is = lw.max(1) + np.log(w.mean(1))
+    se = w.std(1) / (w.mean(1) * np.sqrt(K))
+    assert np.all(np.abs(ll_is - np.asarray(ll)) < 5 * se + 1e-5), (ll_is - ll, se)
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert all(float(jnp.max(jnp.abs(a))) == 0 for a in jax.tree.leaves(grads["encoder"]))
+    with pytest.raises(ValueError, match="weight_decay"):
+        G.with_weight_decay(G.make_exact_grad(gt), -1.0)
+    with pytest.raises(ValueError, match="hidden"):
+        G.grid_vae_init(jax.random.key(0), 6, 1, (16, 0))

@@ -498,8 +498,9 @@ def with_weight_decay(estimator: Callable, weight_decay: float) -> Callable:
 
     def penalised(params, x, key=None):
         grads, info = estimator(params, x, key)
-        dec = jax.tree.map(lambda g, p: g + (lam * p).astype(g.dtype), grads["decoder"],
-                           params["decoder"])
+        dec = jax.tree.map(
+            lambda g, p: g + (lam * p).astype(g.dtype), grads["decoder"], params["decoder"]
+        )
         return {**grads, "decoder": dec}, info
 
     return penalised
