@@ -32,7 +32,7 @@ Four measurements on the IWAE paper's one-layer MNIST VAE (``vaeml_jax.training.
    reported the same way (a consistency check: both are unbiased up to their caps). Because an
    estimator with an infinite variance still gives a finite sample tr Cov, every row also gets a
    robust spread (median / p90 / p99 / max of ||g_r - g_bar||), the largest replicate's share of
-   the summed squared deviations, and tr Cov from the first R/4, R/2 and R replicates.
+   the summed squared deviations, and tr Cov from the first R/8, R/4, R/2 and R replicates.
 3. **Meeting-time distributions** over S (the lanes of part 2, init and trained) and over training
    (part 1, per epoch), as survival functions P(tau > t), with the fraction of capped lanes.
 4. **Encoder objective**: meeting times per epoch and test log-likelihood per objective (part 1).
@@ -62,7 +62,8 @@ evaluations and their product per estimator and state across those runs, mean +-
     python benchmarks/variance.py --variance-summary runs/variance/variance.json \
         runs/variance_seed1/variance.json runs/variance_seed2/variance.json
 
-References: Luo et al. (SUMO, ICLR 2020); Shi & Cornish (MLMC, AISTATS 2021); Ruiz, Titsias, Cemgil & Doucet (UAI 2021); Jacob, O'Leary & Atchade (JRSS-B 2020);
+References: Luo et al. (SUMO, ICLR 2020); Shi & Cornish (MLMC, AISTATS 2021); Ruiz, Titsias,
+Cemgil & Doucet (UAI 2021); Jacob, O'Leary & Atchade (JRSS-B 2020);
 Burda, Grosse & Salakhutdinov (ICLR 2016).
 """
 
@@ -261,14 +262,14 @@ def spread_stats(g: np.ndarray) -> dict:
     ``norm_*``: median, 90th and 99th percentile and max of ||g_r - g_bar||; ``max_share``: the
     largest replicate's share of sum_r ||g_r - g_bar||^2 (about a few / R for a light-tailed
     estimator, near 1 when one replicate carries the estimate, the sign of an infinite variance);
-    ``trace_cov_by_r``: tr Cov from the first R/4, R/2 and all R replicates (each with its own
-    mean). With a finite variance the three agree within their noise; with an infinite one the
+    ``trace_cov_by_r``: tr Cov from the first R/8, R/4, R/2 and all R replicates (each with its
+    own mean). With a finite variance they agree within their noise; with an infinite one the
     estimate tends to grow with R, and jumps whenever a new extreme replicate arrives.
     """
     r = g.shape[0]
     d = np.sqrt(np.sum((g - g.mean(0)) ** 2, axis=1))
     by_r = {}
-    for n in sorted({max(2, r // 4), max(2, r // 2), r}):
+    for n in sorted({max(2, r // 8), max(2, r // 4), max(2, r // 2), r}):
         by_r[str(n)] = trace_cov(g[:n])[0]
     return {
         "norm_median": float(np.median(d)),

@@ -122,3 +122,62 @@ def test_queue_variants_runs(mnist_dir):
 def test_queue_variants_rejects_bad_variants(mnist_dir):
     proc = _run_quick("queue_variants.py", ["--variants", "slots=4,deffer=2"], mnist_dir)
     assert proc.returncode != 0 and "bad variant field 'deffer=2'" in proc.stderr
+
+
+@pytest.mark.slow
+def test_variance_study_mlmc_and_sumo_rows():
+    """``variance.py``'s SUMO and MLMC rows on a tiny VAE: the own-evaluation bookkeeping, the
+    robust spread, both tables and the across-seed summary (in-process, a few calls each)."""
+    import types
+
+    import jax
+    import numpy as np
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import variance
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    from vaeml_jax.training import TrainConfig, build_vae
+
+    a = types.SimpleNamespace(
+        iwae_s=[2],
+        unbiased_s=[2],
+        km=[],
+        sumo=[8],
+        mlmc=["roulette,2", "single_term,3"],
+        mlmc_particles=2,
+        mlmc_rate=1.5,
+        num_particles=2,
+        max_iters=50,
+        replicates=4,
+        seed=0,
+    )
+    vae = build_vae(TrainConfig(hidden=(8,), latent_dim=2).resolved())
+    x = (np.random.default_rng(0).random((3, 784)) < 0.3).astype(np.float32)
+    params = vae.init(jax.random.key(0))
+    rows = variance.variance_study(a, vae, {"init": params}, x, log=lambda m: None)
+    assert [r["kind"] for r in rows] == ["iwae", "unbiased", "sumo", "mlmc", "mlmc"]
+    sumo, mlmc = rows[2], rows[4]
+    assert sumo["evals_own"] == 2 * (1 + sumo["levels"]["mean"])
+    # MLMC: 2 n_0 2^L per example plus n_0 for the encoder objective, at most L_max = 3
+    assert 3 * 2 <= mlmc["evals_own"] <= 2 * 2 * 2**3 + 2 and mlmc["levels"]["max"] <= 3
+    for r in rows:
+        sp = r["spread"]
+        assert sp["norm_median"] <= sp["norm_p99"] <= sp["norm_max"] and 0 < sp["max_share"] <= 1
+        assert list(sp["trace_cov_by_r"]) == ["2", "4"]
+        assert sp["trace_cov_by_r"]["4"] == r["trace_cov"]
+    assert all("bias_sq" in r for r in rows if r["kind"] != "unbiased")
+    md = "\n".join(variance.variance_table(rows) + variance.spread_table(rows))
+    assert "| mlmc single_term n0=2 r=1.5 L_max=3 | init |" in md and "| sumo J_max=8 |" in md
+    settings = {"seed": 0, "var_batch": 3, "replicates": 4}
+    plain = [{k: v for k, v in r.items() if k not in ("mean_grad", "meeting_times")} for r in rows]
+    two = [
+        {"settings": settings, "variance": plain},
+        {"settings": {**settings, "seed": 1}, "variance": plain},
+    ]
+    summary = variance.variance_summary(two)
+    assert "seeds [0, 1]" in summary
+    assert "| mlmc roulette n0=2 r=1.5 L_max=2 | init | 2 |" in summary
+    with pytest.raises(ValueError, match="one run per seed"):
+        variance.variance_summary([two[0], two[0]])
