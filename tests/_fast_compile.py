@@ -14,3 +14,26 @@ XLA_FLAGS = "--xla_backend_optimization_level=0"
 
 # For in-process programs: one jit at a time.
 fast_jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
+
+
+def run_result_script(script: str, *args: str, env: dict | None = None, timeout: float = 900):
+    """Run ``python -c script *args`` under the fast-compile flags (a subprocess: XLA_FLAGS and
+    forced device counts must precede JAX's start-up) and return the JSON the script printed
+    after ``RESULT`` on its last such line."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ if env is None else env)
+    env["XLA_FLAGS"] = XLA_FLAGS  # compile-bound; not the caller's flags
+    proc = subprocess.run(
+        [sys.executable, "-c", script, *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+    )
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT")]
+    assert proc.returncode == 0 and lines, proc.stderr[-4000:]
+    return json.loads(lines[-1][len("RESULT") :])

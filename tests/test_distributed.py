@@ -1,9 +1,5 @@
 """Data parallelism on forced CPU devices (in a subprocess: XLA_FLAGS must precede jax import)."""
 
-import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import _fast_compile
@@ -62,14 +58,7 @@ SCRIPT = textwrap.dedent(
 
 @pytest.fixture(scope="module")
 def result():
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = _fast_compile.XLA_FLAGS  # compile-bound; not the caller's flags
-    proc = subprocess.run(
-        [sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=900
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT")][-1]
-    return json.loads(line[len("RESULT") :])
+    return _fast_compile.run_result_script(SCRIPT)
 
 
 def test_four_devices_visible(result):

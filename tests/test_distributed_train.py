@@ -66,17 +66,7 @@ SCRIPT = textwrap.dedent(
 def result(tmp_path_factory, mnist_dir):
     out = tmp_path_factory.mktemp("dp_train")
     env = dict(os.environ, VAEML_DATA_DIR=str(mnist_dir))
-    env["XLA_FLAGS"] = _fast_compile.XLA_FLAGS  # compile-bound; not the caller's flags
-    proc = subprocess.run(
-        [sys.executable, "-c", SCRIPT, str(out)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=900,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT")][-1]
-    return json.loads(line[len("RESULT") :])
+    return _fast_compile.run_result_script(SCRIPT, str(out), env=env)
 
 
 def test_same_parameters_on_1_and_4_devices(result):
