@@ -139,3 +139,16 @@ def test_nan_log_joint_gives_a_clear_summary_not_a_crash():
     assert summary["nonfinite_weight_fraction"] == pytest.approx(0.25)
     assert all(np.isfinite(v) for k, v in summary.items() if k != "tail_index")
     assert any("no finite importance weight" in w for w in diagnostics.health_warnings(summary))
+
+
+@pytest.mark.parametrize(
+    "estimator, needle",
+    [
+        ("unbiased", "100% of lanes hit the iteration cap (--max-iters 9)"),
+        ("mlmc", "100% of examples drew a level above the cap (--max-level 9)"),
+        ("sumo", "100% of examples hit the term cap (--max-terms 9)"),
+    ],
+)
+def test_health_warnings_name_each_estimators_cap(estimator, needle):
+    (line,) = diagnostics.health_warnings({"capped_fraction": 1.0}, 9, estimator=estimator)
+    assert needle in line and "bias" in line

@@ -402,3 +402,24 @@ def test_the_bar_shows_the_time_left_in_the_whole_run():
     assert post["run left"] == "~6 s + next phase" and "tau" not in post  # no chains here
     later[0] = 600.0
     assert runner._postfix(host, 2, 2.0, 0)["run left"] == "~10 min"
+
+
+def test_epoch_record_reports_the_cap_of_mlmc_and_sumo_but_not_iwae():
+    from vaeml_jax.training.records import epoch_record, format_record
+
+    steps, b = 2, 4
+    host = {
+        "bound": np.full((steps,), -100.0),
+        "finite": np.ones((steps,), bool),
+        "num_log_joint_evals": np.full((steps,), 40),
+        "meeting_time": np.zeros((steps, b, 1), np.int32),  # no coupled chains
+        "num_iters": np.array([[[0], [1], [3], [10]]] * steps),  # MLMC's levels
+        "capped": np.array([[[False], [False], [False], [True]]] * steps),
+    }
+    kw = dict(epoch=1, seconds=1.0, batch_size=b, lr=1e-3, num_devices=1)
+    mlmc = epoch_record(host, **kw, estimator="mlmc")
+    assert mlmc["capped_fraction"] == 0.25 and mlmc["meeting_time_mean"] is None
+    assert "capped 25.00%" in format_record(mlmc, 1)
+    assert epoch_record(host, **kw, estimator="sumo")["capped_fraction"] == 0.25
+    iwae = dict(host, num_iters=np.zeros_like(host["num_iters"]), capped=~host["capped"] & False)
+    assert epoch_record(iwae, **kw, estimator="iwae")["capped_fraction"] is None

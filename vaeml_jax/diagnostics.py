@@ -172,11 +172,36 @@ def summarize(
     return out
 
 
-def health_warnings(summary: dict, max_iters: int | None = None) -> list[str]:
+# What a capped lane means, and the knob that helps, for each estimator with a cap.
+_CAP_WARNINGS = {
+    "unbiased": (
+        "of lanes hit the iteration cap{cap}: their gradients are biased. Raise --max-iters, or "
+        "shorten meeting times with a larger --num-particles or a better proposal (--encoder, "
+        "--encoder-objective).",
+        " (--max-iters {})",
+    ),
+    "mlmc": (
+        "of examples drew a level above the cap{cap}: their gradients carry the bias of IWAE with "
+        "n_0 2^max_level draws. Raise --max-level or --level-rate.",
+        " (--max-level {})",
+    ),
+    "sumo": (
+        "of examples hit the term cap{cap}: their gradients carry the bias of the capped IWAE "
+        "bound. Raise --max-terms.",
+        " (--max-terms {})",
+    ),
+}
+
+
+def health_warnings(
+    summary: dict, max_iters: int | None = None, *, estimator: str = "unbiased"
+) -> list[str]:
     """One-line warnings for a :func:`summarize` dict, each naming the knobs that help.
 
     Warned about: a meeting-time tail index below 2 (variance effectively infinite), capped lanes
     (biased gradients), examples without a finite importance weight (NaN / inf in the model).
+    ``max_iters`` is the cap's value and ``estimator`` (``"unbiased"``, ``"mlmc"`` or
+    ``"sumo"``) whose cap it is (iterations, levels or terms), so the line names the right option.
     """
     lines = []
     bad = summary.get("nonfinite_weight_fraction", 0.0)
@@ -188,12 +213,9 @@ def health_warnings(summary: dict, max_iters: int | None = None) -> list[str]:
         )
     capped = summary.get("capped_fraction", 0.0)
     if capped and capped > 0:
-        cap = f" (--max-iters {max_iters})" if max_iters else ""
-        lines.append(
-            f"{100 * capped:.3g}% of lanes hit the iteration cap{cap}: their gradients are "
-            "biased. Raise --max-iters, or shorten meeting times with a larger --num-particles "
-            "or a better proposal (--encoder, --encoder-objective)."
-        )
+        text, option = _CAP_WARNINGS.get(estimator, _CAP_WARNINGS["unbiased"])
+        cap = option.format(max_iters) if max_iters else ""
+        lines.append(f"{100 * capped:.3g}% " + text.format(cap=cap))
     alpha = summary.get("tail_index", float("nan"))
     if alpha == alpha and alpha < TAIL_INDEX_WARNING:
         lines.append(

@@ -670,7 +670,7 @@ def _train_epoch(
     if distributed.is_primary():
         append_metrics(run_dir, record)
         save_meeting_times(run_dir, host["meeting_time"])
-    health.check(record_summary(record), epoch + 1, _max_iters(config))
+    health.check(record_summary(record), epoch + 1, *_cap(config))
     last = epoch + 1 == config.epochs
     if last or (config.checkpoint_every and (epoch + 1) % config.checkpoint_every == 0):
         run_config = job.run_config
@@ -683,8 +683,10 @@ def _train_epoch(
     return state, record
 
 
-def _max_iters(config: TrainConfig) -> int | None:
-    return config.max_iters if config.estimator == "unbiased" else None
+def _cap(config: TrainConfig) -> tuple[int | None, str]:
+    """The estimator's cap (iterations, levels or terms) and its name, for the warning line."""
+    cap = {"unbiased": config.max_iters, "mlmc": config.max_level, "sumo": config.max_terms}
+    return cap.get(config.estimator), config.estimator
 
 
 def _warn_before_divergence(host: dict, epoch: int, config: TrainConfig, health) -> None:
@@ -693,7 +695,7 @@ def _warn_before_divergence(host: dict, epoch: int, config: TrainConfig, health)
     bad = first_bad_step(host)
     if bad is not None:
         steps = {k: v[: bad + 1] for k, v in host.items()}  # later rows were never run
-        health.check(epoch_diagnostics(steps) | _capped(steps), epoch + 1, _max_iters(config))
+        health.check(epoch_diagnostics(steps) | _capped(steps), epoch + 1, *_cap(config))
 
 
 def _capped(host: dict) -> dict:

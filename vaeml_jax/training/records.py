@@ -62,6 +62,7 @@ def epoch_record(
     it = host["num_iters"].astype(np.float64)
     chains = has_chains(host)
     iterates = chains or bool(np.any(it > 0))  # MCMC runs one chain: iterations, no meeting
+    capped = chains or estimator in CAPPED_ESTIMATORS  # estimators with a cap that biases
     examples = steps * batch_size
     record: dict[str, Any] = {
         "epoch": epoch,
@@ -70,7 +71,7 @@ def epoch_record(
         "meeting_time_max": int(mt.max()) if chains else None,
         "num_iters_mean": float(it.mean()) if iterates else None,
         "num_iters_max": int(it.max()) if iterates else None,
-        "capped_fraction": float(np.mean(host["capped"])) if chains else None,
+        "capped_fraction": float(np.mean(host["capped"])) if capped else None,
         "num_log_joint_evals": int(np.sum(host["num_log_joint_evals"].astype(np.int64))),
         "steps": steps,
         "examples": examples,
@@ -88,6 +89,10 @@ def epoch_record(
     if evaluation:
         record.update(evaluation)
     return record
+
+
+# Estimators without coupled chains whose cap (levels, terms) is reported as biased.
+CAPPED_ESTIMATORS = ("mlmc", "sumo")
 
 
 def has_chains(host: dict[str, np.ndarray]) -> bool:
@@ -164,9 +169,12 @@ class HealthMonitor:
             name for name, needle in cls.CATEGORIES if any(needle in ln for ln in lines)
         )
 
-    def check(self, summary: dict, epoch: int, max_iters: int | None = None) -> str | None:
-        """Log (and return) the warning line of 1-based ``epoch``, or None when it is withheld."""
-        lines = diagnostics.health_warnings(summary, max_iters)
+    def check(
+        self, summary: dict, epoch: int, max_iters: int | None = None, estimator: str = "unbiased"
+    ) -> str | None:
+        """Log (and return) the warning line of 1-based ``epoch``, or None when it is withheld
+        (``max_iters``: the cap of ``estimator``, named in the line)."""
+        lines = diagnostics.health_warnings(summary, max_iters, estimator=estimator)
         if not lines:
             self._last = None
             return None
@@ -211,6 +219,8 @@ def format_record(r: dict[str, Any], epochs: int) -> str:
             f"tau mean {r['meeting_time_mean']:.2f} max {r['meeting_time_max']}  "
             f"capped {r['capped_fraction']:.2%}  "
         )
+    elif r.get("capped_fraction") is not None:  # MLMC's levels, SUMO's terms: capped examples
+        s += f"capped {r['capped_fraction']:.2%}  "
     if r.get("examples_per_second") is not None:
         s += f"{r['examples_per_second']:.0f} ex/s  "
     s += f"{r['wall_time']:.1f}s"
