@@ -857,8 +857,12 @@ def main(argv=None):
         _plot(
             curves,
             [
-                ("avg_obj", "exact MAP objective per image (nats), Polyak average", False,
-                 lambda y, n: y),
+                (
+                    "avg_obj",
+                    "exact MAP objective per image (nats), Polyak average",
+                    False,
+                    lambda y, n: y,
+                ),
                 (
                     "avg_obj",
                     "exact-gradient run's MAP objective - this run's (Polyak avg, same seed)",
