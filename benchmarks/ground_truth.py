@@ -730,13 +730,13 @@ def main(argv=None):
     ap.add_argument("--lfa-lr", type=float, default=0.05)
     ap.add_argument("--lfa-decay", type=float, default=500.0)
     ap.add_argument("--record-every-lfa", type=int, default=250)
-    ap.add_argument("--deep-n", type=int, default=200)
+    ap.add_argument("--deep-n", type=int, default=100)
     ap.add_argument("--deep-size", type=int, default=7, help="image side after OR-pooling")
     ap.add_argument("--deep-hidden", type=int, nargs="+", default=[16, 16])
     ap.add_argument(
         "--deep-wd",
         type=float,
-        default=1e-2,
+        default=0.1,
         help="lambda of the penalty lambda/2 ||theta||^2 on the decoder (per image)",
     )
     ap.add_argument("--deep-proposal-std", type=float, default=1.0)
