@@ -40,3 +40,43 @@ for s in ${SEEDS:-0 1 2}; do
   done
 done
 echo "done: $OUT/*/seed*/eval.json"
+# The table: test LL per seed, mean +- SE over seeds, the difference to IWAE-5 paired by seed, and
+# the second phase's cost (evaluations per example, seconds) and capped fraction.
+python - "$OUT" <<'PY'
+import json, math, sys
+from pathlib import Path
+out = Path(sys.argv[1])
+def ms(v):
+    m = sum(v) / len(v)
+    se = math.sqrt(sum((x - m) ** 2 for x in v) / (len(v) - 1) / len(v)) if len(v) > 1 else float("nan")
+    return f"{m:.2f} +- {se:.2f}"
+def runs(v):
+    return sorted(p.parent for p in (out / v).glob("seed*/eval.json"))
+ref = {d.name: json.loads((d / "eval.json").read_text())["test_log_likelihood"] for d in runs("iwae5")}
+print("| run | test LL per seed | mean +- SE | vs IWAE-5 (by seed) | evals / example: whole run, "
+      "2nd phase | 2nd phase s | capped (last epoch) |\n| --- | --- | --- | --- | --- | --- | --- |")
+for v in ("iwae5", "recipe", "mlmc", "sumo", "matched", "old"):
+    ll, diff, ev, ev2, sec, cap = [], [], [], [], [], []
+    for d in runs(v):
+        e = json.loads((d / "eval.json").read_text())["test_log_likelihood"]
+        recs = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
+        main = [r for r in recs if r.get("phase", "main") == "main"]
+        ll.append(e)
+        if d.name in ref:
+            diff.append(e - ref[d.name])
+        n = lambda rs: sum(r["num_log_joint_evals"] for r in rs) / sum(r["examples"] for r in rs)
+        ev.append(n(recs)); ev2.append(n(main)); sec.append(sum(r["wall_time"] for r in main))
+        cap.append(recs[-1].get("capped_fraction"))
+    if not ll:
+        continue
+    cfg = json.loads((runs(v)[0] / "config.json").read_text())
+    name = f"{v} ({cfg['estimator']} S={cfg['num_particles']})"
+    print(f"| {name} | {' / '.join(f'{x:.2f}' for x in ll)} | {ms(ll)} | {ms(diff) if diff else '-'} | "
+          f"{sum(ev) / len(ev):.0f}, {sum(ev2) / len(ev2):.1f} | {' / '.join(f'{x:.0f}' for x in sec)} | "
+          f"{', '.join('-' if c is None else f'{c:.1e}' for c in cap)} |")
+for d in runs("recipe"):
+    f = d / "eval_start.json"
+    if f.exists():
+        print(f"recipe's start (epoch {json.loads(f.read_text())['checkpoint_epoch']}), {d.name}: "
+              f"{json.loads(f.read_text())['test_log_likelihood']:.2f}")
+PY
