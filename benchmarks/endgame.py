@@ -3,7 +3,7 @@ gradient with a decaying step and iterate averaging pass it, or does its heavy-t
 the averaging?
 
 Why: the unbiased estimator's meeting times have a power-law tail P(tau > t) ~ t^-alpha with alpha
-1.1-1.5 measured on this model. If the gradient noise has that tail, a sum of n noise terms grows
+1.1-1.6 measured on this model. If the gradient noise has that tail, a sum of n noise terms grows
 like n^(1/alpha), so the Polyak average's spread falls like n^(1/alpha - 1) (-0.1 to -0.3), not
 n^(-1/2): averaging would remove the bias of IWAE but keep most of the noise.
 
@@ -33,12 +33,12 @@ a partial one from its last checkpoint, with the same keys, so the result is the
    unbiased runs first), ``iwae50``, and ``iwae500`` (opt-in: 36 s per step here). Optimizer
    (``--optimizer``): ``precond_sgd`` (default): SGD with a FIXED diagonal preconditioner,
    1/sqrt(v) of phase 1's final Adam second moment (floored at the ``--precond-floor`` quantile
-   of its positive entries). Why: Robbins-Monro and Polyak-Ruppert
-   averaging are theory for SGD with a deterministic step, which a fixed linear preconditioner
-   keeps (it is SGD in rescaled coordinates) and which Adam does not (its step is a function of
-   the heavy-tailed noise itself); plain SGD (``sgd``) would crawl in the directions Adam scaled
-   up. ``adam`` (continuing phase 1's state) is available for comparison. ``--replicates R`` runs
-   every method in ``--replicate-methods`` R times from the same start with independent keys.
+   of its positive entries). Why: Robbins-Monro and Polyak-Ruppert averaging are theory for
+   SGD with a deterministic step, which a fixed linear preconditioner keeps (it is SGD in
+   rescaled coordinates) and which Adam does not (its step is a function of the heavy-tailed
+   noise itself); plain SGD (``sgd``) would crawl in the directions Adam scaled up. ``adam``
+   (continuing phase 1's state) is available for comparison. ``--replicates R`` runs every
+   method in ``--replicate-methods`` R times from the same start with independent keys.
    Recorded per step: log_joint evaluations executed, seconds, the decoder-gradient norm (of the
    estimate, before the prior), meeting times (unbiased); at log-spaced n (averaged iterates) a
    count-sketch projection (``--sketch-dim``) of the averaged decoder and encoder parameters and
@@ -61,11 +61,15 @@ Output (``--out``): ``settings.json``, ``seed<s>/phase1/``, ``seed<s>/phase2/<me
 ``results.json`` (also ``--json``), ``results.md`` (tables), ``objective_vs_evals.png``,
 ``objective_vs_seconds.png``, ``spread_vs_n.png``.
 
+The defaults come from a pilot on the shared 2-core CPU under load (load average ~8): one seed
+~80-90 min (phase 1 <= 20 min at 0.03 s/step; phase 2 ~10 s per step of all runs, IWAE-5 0.35 s,
+unbiased 1.4-3 s, IWAE-50 2.6 s per full-batch step; scoring ~100 s per model).
+
     nice -n 5 python benchmarks/endgame.py --out runs/endgame --seeds 0 1 2 --resume
-    python benchmarks/endgame.py --out runs/endgame --seeds 0 --methods iwae5 unbiased iwae500 \
-        --replicates 1 --resume                         # add IWAE-500 to a finished seed
+    nice -n 5 python benchmarks/endgame.py --out runs/endgame --seeds 0 1 2 --resume \
+        --methods iwae5 unbiased iwae_matched iwae50 iwae500  # add IWAE-500 to finished seeds
     python benchmarks/endgame.py --plan                 # every phase's resolved settings
-    python benchmarks/endgame.py --quick --out /tmp/eg  # every code path, tiny, < 1 min
+    python benchmarks/endgame.py --quick --out /tmp/eg  # every code path, tiny (~20 s of CPU)
 """
 
 from __future__ import annotations
@@ -187,8 +191,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--p1-t0", type=float, default=1000.0)
     add("--p1-check-every", type=int, default=250)
     add("--p1-window", type=int, default=1000)
-    add("--p1-tol", type=float, default=0.05, help="nats/image over the window")
-    add("--p1-max-steps", type=int, default=20000)
+    add("--p1-tol", type=float, default=0.25, help="nats/image over the window")
+    add("--p1-max-steps", type=int, default=40000)
     # phase 2
     add("--optimizer", choices=("precond_sgd", "sgd", "adam"), default="precond_sgd")
     add("--gamma0", type=float, default=3e-4)
@@ -199,7 +203,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--unbiased-particles", type=int, default=5)
     add("--max-iters", type=int, default=1000)
     add("--precond-floor", type=float, default=0.01, help="quantile flooring sqrt(v)")
-    add("--replicates", type=int, default=2)
+    add("--replicates", type=int, default=3)
     add("--replicate-methods", nargs="+", choices=METHODS, default=["iwae5", "unbiased"])
     add("--grad-rows", type=int, default=25000, help="examples x particles per gradient chunk")
     add("--checkpoint-every", type=int, default=25)
@@ -247,7 +251,7 @@ def plan(a) -> dict:
             batch=a.p1_batch,
             const_steps=a.p1_const_steps,
             decay=f"lr/(1+(t-{a.p1_const_steps})/{a.p1_t0})^0.5",
-            criterion=f"|IWAE-5 MAP objective(t) - (t-{a.p1_window})| < {a.p1_tol} nats/image,"
+            criterion=f"|IWAE-5 MAP objective(t) - objective(t-{a.p1_window})| < {a.p1_tol} nats,"
             f" all N images, fixed key, checked every {a.p1_check_every} steps",
             max_steps=a.p1_max_steps,
         ),
