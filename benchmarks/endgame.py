@@ -448,7 +448,7 @@ def phase1(a, vae, train_x, seed: int, d: Path, log) -> dict:
         st["checks"].append(dict(step=0, objective=obj, seconds=0.0))
     per_epoch = a.n_train // a.p1_batch
     t_start = time.perf_counter() - (st["checks"][-1]["seconds"] if st["checks"] else 0.0)
-    converged = False
+    converged = p1_converged(a, st["checks"])  # a resumed run may have stopped right there
     while st["step"] < a.p1_max_steps and not converged:
         ek = jax.random.fold_in(jax.random.fold_in(root, 1), st["epoch"])
         data_key, step_key = jax.random.split(ek)

@@ -3,8 +3,8 @@ the unbiased estimator and its compute-matched IWAE), the scoring and the summar
 ``--resume`` reuses every finished piece (no assertions on the numbers of a 50-image, 16-unit run).
 ``--plan`` resolves the real settings without running anything.
 
-Runtime on the shared 2-core CPU: ~40-60 s with the repository's compilation cache warm (almost all
-XLA compilation), up to ~2 min cold.
+Runtime on the shared 2-core CPU with the repository's compilation cache warm: ~27 s of CPU (almost
+all XLA compilation), 35 s wall at load average ~4, ~2 min at load average ~8; ~4 min cold.
 """
 
 import json
