@@ -32,13 +32,16 @@ a partial one from its last checkpoint, with the same keys, so the result is the
    (IWAE with S' = the unbiased run's executed log_joint evaluations per example and step; so
    unbiased runs first), ``iwae50``, and ``iwae500`` (opt-in: 36 s per step here). Optimizer
    (``--optimizer``): ``precond_sgd`` (default): SGD with a FIXED diagonal preconditioner,
-   1/sqrt(v) of phase 1's final Adam second moment (floored at the ``--precond-floor`` quantile
-   of its positive entries). Why: Robbins-Monro and Polyak-Ruppert averaging are theory for
-   SGD with a deterministic step, which a fixed linear preconditioner keeps (it is SGD in
-   rescaled coordinates) and which Adam does not (its step is a function of the heavy-tailed
-   noise itself); plain SGD (``sgd``) would crawl in the directions Adam scaled up. ``adam``
-   (continuing phase 1's state) is available for comparison. ``--replicates R`` runs every
-   method in ``--replicate-methods`` R times from the same start with independent keys.
+   1/sqrt(v) of phase 1's final Adam second moment, floored at the ``--precond-floor`` quantile
+   of its positive entries (the median by default: coordinates with a small phase-1 moment get
+   SGD at gamma/median; with the 1% quantile the pilot diverged within 25 steps even at
+   gamma_0 = 1e-4, as coordinates quiet in phase 1 got 4e4x steps). Why: Robbins-Monro and
+   Polyak-Ruppert averaging are theory for SGD with a deterministic step, which a fixed linear
+   preconditioner keeps (it is SGD in rescaled coordinates) and which Adam does not (its step is
+   a function of the heavy-tailed noise itself); plain SGD (``sgd``) would crawl in the
+   directions Adam scaled up. ``adam`` (continuing phase 1's state) is available for comparison.
+   ``--replicates R`` runs every method in ``--replicate-methods`` R times from the same start
+   with independent keys.
    Recorded per step: log_joint evaluations executed, seconds, the decoder-gradient norm (of the
    estimate, before the prior), meeting times (unbiased); at log-spaced n (averaged iterates) a
    count-sketch projection (``--sketch-dim``) of the averaged decoder and encoder parameters and
@@ -202,7 +205,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--batch", type=int, default=None, help="examples per step (default: all N)")
     add("--unbiased-particles", type=int, default=5)
     add("--max-iters", type=int, default=1000)
-    add("--precond-floor", type=float, default=0.01, help="quantile flooring sqrt(v)")
+    add("--precond-floor", type=float, default=0.5, help="quantile flooring sqrt(v)")
     add("--replicates", type=int, default=3)
     add("--replicate-methods", nargs="+", choices=METHODS, default=["iwae5", "unbiased"])
     add("--grad-rows", type=int, default=25000, help="examples x particles per gradient chunk")
@@ -535,7 +538,8 @@ def adam_second_moment(opt_state):
 def make_preconditioner(opt_state, floor_q: float):
     """1 / max(sqrt(v-hat), floor): fixed for phase 2. floor = the floor_q quantile of the
     POSITIVE sqrt(v-hat) (coordinates that never had a data gradient, e.g. encoder weights of
-    pixels that are 0 in every image, have v = 0 and would otherwise get an infinite step)."""
+    pixels that are 0 in every image, have v = 0 and would otherwise get an infinite step; a
+    low quantile still lets phase-1-quiet coordinates take steps that diverge)."""
     root = jax.tree.map(jnp.sqrt, adam_second_moment(opt_state))
     flat = np.concatenate([np.asarray(x).ravel() for x in jax.tree.leaves(root)])
     flat = flat[np.isfinite(flat) & (flat > 0)]
@@ -671,6 +675,10 @@ def run_method(a, ctx: dict, method: str, rep: int, s: int, d: Path, log) -> dic
         if method == "unbiased":
             st["meeting"].append(np.minimum(m["meeting"], 65535).astype(np.uint16))
             st["capped"].append(int(np.sum(m["capped"])))
+        if not np.isfinite(st["bound"][-1]):  # the iterate left the model's range: stop there
+            st["diverged"] = t + 1
+            log(f"  {method} rep {rep}: DIVERGED at step {t + 1} (non-finite bound)")
+            break
         n = t + 1 - a.burn_in
         if n in snaps:
             st["snap_n"].append(n)
@@ -692,6 +700,7 @@ def run_method(a, ctx: dict, method: str, rep: int, s: int, d: Path, log) -> dic
                 f"{np.mean(st['seconds'][-a.checkpoint_every :]):.2f} s/step, "
                 f"curve objective {st['curve'][-1]['objective']:.3f}"
             )
+    save_pickle(d / "state.pkl", st)
     rec = finish_record(a, st, method, rep, s, n_batch)
     save_pickle(d / "record.pkl", rec)
     return rec
@@ -705,6 +714,7 @@ def finish_record(a, st: dict, method: str, rep: int, s: int, n_batch: int) -> d
         method=method,
         rep=rep,
         S=s,
+        diverged=st.get("diverged"),
         steps=a.steps,
         batch=n_batch,
         avg=st["avg"],
@@ -822,6 +832,13 @@ def score_model(a, ctx: dict, name: str, params, d: Path, log) -> dict:
     return res | per
 
 
+def diverged_score(a, name: str, like: dict) -> dict:
+    nan = float("nan")
+    res = {k: nan for k in ("penalty", "objective_ais", "objective_is", "ais_minus_is")}
+    per = {k: np.full_like(like[k], np.nan) for k in ("ais_train", "is_train", "is_test")}
+    return res | per | dict(name=name, test_ll_is=nan, test_ll_is_se=nan, diverged=True)
+
+
 # --------------------------------------------------------------------------- one seed
 
 
@@ -846,7 +863,10 @@ def run_seed(a, seed: int, vae, train_x, test_x, log) -> dict:
     log(f"seed {seed}: scoring")
     scores = {"start": score_model(a, ctx, "start", start["params"], sd / "scores", log)}
     for method, reps in runs.items():
-        scores[method] = score_model(a, ctx, method, reps[0]["avg"], sd / "scores", log)
+        if reps[0]["diverged"]:  # nothing to score: NaN rows, shown as n/a
+            scores[method] = diverged_score(a, method, scores["start"])
+        else:
+            scores[method] = score_model(a, ctx, method, reps[0]["avg"], sd / "scores", log)
     p1 = json.loads((sd / "phase1" / "done.json").read_text())
     return dict(seed=seed, phase1=p1, precond_floor=floor, runs=runs, scores=scores)
 
@@ -857,8 +877,11 @@ def run_seed(a, seed: int, vae, train_x, test_x, log) -> dict:
 def spreads(reps: list[dict]) -> tuple[np.ndarray, np.ndarray, str]:
     """(n, spread of the averaged decoder at n, kind): across replicates when there are >= 2,
     else the distance to the run's own final average."""
-    n = reps[0]["snap_n"]
-    y = np.stack([r["snap_dec"] for r in reps])  # (R, snaps, dim)
+    k = min(len(r["snap_n"]) for r in reps)  # a diverged replicate stopped early
+    n = reps[0]["snap_n"][:k]
+    y = np.stack([r["snap_dec"][:k] for r in reps])  # (R, snaps, dim)
+    if k == 0:
+        return n, np.zeros(0), "none"
     if len(reps) >= 2:
         var = np.sum(np.var(y, axis=0, ddof=1), axis=-1)
         return n, np.sqrt(var), "replicates"
@@ -919,6 +942,7 @@ def score_rows(a, seeds: list[dict]) -> list[dict]:
         rows.append(
             dict(
                 model=name,
+                diverged=[r["diverged"] for r in runs if r and r["diverged"]],
                 S=None if runs[0] is None else runs[0]["S"],
                 evals_per_example_step=mean_se([r["evals_per_example_step"] for r in runs if r]),
                 seconds=mean_se([float(np.sum(r["seconds"])) for r in runs if r]),
@@ -937,6 +961,10 @@ def score_rows(a, seeds: list[dict]) -> list[dict]:
 def mean_se_images(d) -> tuple[float, float]:
     d = np.asarray(d, np.float64)
     return float(np.mean(d)), float(np.std(d, ddof=1) / math.sqrt(d.size)) if d.size > 1 else 0.0
+
+
+def diverged_note(steps: list) -> str:
+    return f" (diverged at step {', '.join(map(str, steps))})" if steps else ""
 
 
 def markdown(a, seeds: list[dict], scores: list[dict], rates: list[dict]) -> str:
@@ -968,7 +996,8 @@ def markdown(a, seeds: list[dict], scores: list[dict], rates: list[dict]) -> str
     for r in scores:
         per = ", ".join(fmt(*d, 3) for d in r["diff_vs_ref_per_seed"])
         lines.append(
-            f"| {r['model']} | {r['S'] or '-'} | {fmt(*r['evals_per_example_step'], 1)} "
+            f"| {r['model']}{diverged_note(r['diverged'])} | {r['S'] or '-'} "
+            f"| {fmt(*r['evals_per_example_step'], 1)} "
             f"| {fmt(*r['seconds'], 0)} | {fmt(*r['objective_ais'])} | {fmt(*r['objective_is'])} "
             f"| {fmt(*r['ais_minus_is'], 3)} | {fmt(*r['penalty'])} | {fmt(*r['diff_vs_ref'], 3)} "
             f"| {per} "
@@ -1018,7 +1047,8 @@ def plots(a, seeds: list[dict], out: Path) -> list[str]:
         ax.set_xscale("log")
         ax.set_xlabel(xlabel)
         ax.set_ylabel(f"objective, IS K={a.curve_k}, {a.curve_images} images (nats)")
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
         fig.tight_layout()
         fig.savefig(out / fname, dpi=110)
         plt.close(fig)
@@ -1033,7 +1063,8 @@ def plots(a, seeds: list[dict], out: Path) -> list[str]:
     ax.set_yscale("log")
     ax.set_xlabel("n (averaged iterates)")
     ax.set_ylabel("spread of the averaged decoder (sketch)")
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "spread_vs_n.png", dpi=110)
     plt.close(fig)
@@ -1069,6 +1100,7 @@ def run_summary(r: dict) -> dict:
         "method",
         "rep",
         "S",
+        "diverged",
         "steps",
         "batch",
         "evals_per_example_step",
