@@ -226,9 +226,11 @@ def test_plain_train_uses_the_measured_warm_start_recipe_unless_told_otherwise(t
     f = tmp_path / "c.json"  # in a config file too
     f.write_text(json.dumps({"warm-start-epochs": 0}))
     assert not _resolve("--config", f)[2]
-    for other in ("iwae", "elbo", "mcmc"):  # the recipe is the unbiased estimator's
+    for other in ("iwae", "elbo", "mcmc", "sumo"):  # the recipe is the unbiased estimators'
         cfg, _, recipe = _resolve("--estimator", other)
         assert not recipe and cfg.warm_start_epochs == 0 and cfg.lr == 1e-3
+    cfg, _, recipe = _resolve("--estimator", "mlmc")  # measured to need it as the chains do
+    assert recipe and (cfg.warm_start_epochs, cfg.warm_start_lr, cfg.lr) == (80, 1e-3, 3e-5)
     assert not _resolve("--epochs", 1)[2]  # no room for a warm start
 
 

@@ -415,7 +415,7 @@ def test_cli_flags_reach_the_estimator(monkeypatch):
     argv = ["train", "--estimator", "mlmc", "-S", "3", "--max-level", "6", "--level-rate", "1.3"]
     argv += ["--mlmc-estimator", "single_term", "--encoder-objective", "inclusive_kl"]
     cfg, _, recipe = cli._resolve_train_config(cli.build_parser().parse_args(argv))
-    assert not recipe  # the warm-start recipe is the unbiased estimator's
+    assert recipe and cfg.warm_start_epochs == 80  # the recipe, as for the coupled chains
     seen = {}
 
     def record(model, **kwargs):

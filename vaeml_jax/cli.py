@@ -223,10 +223,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g = t.add_argument_group(
         "warm start",
-        "By default the unbiased estimator trains its first 4/5 of the epochs with IWAE-5 at "
-        "--lr (1e-3), then goes on with unbiased gradients at lr 3e-5 from the same parameters "
-        "and Adam state. Giving --warm-start-epochs, --lr, --warm-start-lr or --schedule turns "
-        "this recipe off; the other estimators have no warm start unless asked.",
+        "By default the unbiased and mlmc estimators train their first 4/5 of the epochs with "
+        "IWAE-5 at --lr (1e-3), then go on at lr 3e-5 from the same parameters and Adam state. "
+        "Giving --warm-start-epochs, --lr, --warm-start-lr or --schedule turns this recipe off; "
+        "the other estimators have no warm start unless asked.",
     )
     g.add_argument(
         "--warm-start-epochs",
@@ -429,11 +429,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     notes = []  # printed after train's opening line, i.e. once the run has been accepted
     if recipe:
         notes.append(
-            f"vaeml train: the unbiased estimator's measured recipe (benchmarks/RESULTS.md): "
-            f"{cfg.warm_start_num_particles}-particle {cfg.warm_start_estimator.upper()} for "
-            f"{cfg.warm_start_epochs} of {cfg.epochs} epochs at lr {cfg.warm_start_lr:g}, then "
-            f"unbiased gradients at lr {cfg.lr:g}; --warm-start-epochs 0 trains with unbiased "
-            "gradients from the first step"
+            f"vaeml train: the {cfg.estimator} estimator's measured recipe "
+            f"(benchmarks/RESULTS.md): {cfg.warm_start_num_particles}-particle "
+            f"{cfg.warm_start_estimator.upper()} for {cfg.warm_start_epochs} of {cfg.epochs} "
+            f"epochs at lr {cfg.warm_start_lr:g}, then {cfg.estimator} gradients at lr "
+            f"{cfg.lr:g}; --warm-start-epochs 0 trains with {cfg.estimator} gradients from the "
+            "first step"
         )
 
     def log(line: str) -> None:

@@ -57,12 +57,13 @@ IWAE_SCHEDULE_EPOCHS = sum(3**i for i in range(IWAE_SCHEDULE_STAGES))
 DEFAULT_EPOCHS = 100
 # A warm start trains with a cheap, low-variance bound first: those two estimators.
 WARM_START_ESTIMATORS = ("iwae", "elbo")
-# The unbiased estimator's measured recipe (benchmarks/RESULTS.md, optimizer study and
-# `reproduce.py --preset long_cpu`): IWAE-5 at the run's lr for 4/5 of the epochs, then the
-# unbiased gradient at a 30x smaller Adam step, the one at which its noise no longer undoes the
-# signal. Giving any of RECIPE_FIELDS yourself turns it off (`vaeml train` only).
+# The unbiased estimators' measured recipe (benchmarks/RESULTS.md, optimizer study,
+# `reproduce.py --preset long_cpu`, `recipe_check.sh`): IWAE-5 at the run's lr for 4/5 of the
+# epochs, then the unbiased gradient at a 30x smaller Adam step, the one at which its noise no
+# longer undoes the signal. Giving any of RECIPE_FIELDS yourself turns it off (`vaeml train` only).
 RECIPE_WARM_START_FRACTION = 0.8
 RECIPE_MAIN_LR = 3e-5
+RECIPE_ESTIMATORS = ("unbiased", "mlmc")  # measured to need it (benchmarks/RESULTS.md)
 RECIPE_FIELDS = ("warm_start_epochs", "lr", "warm_start_lr", "schedule")
 # Fields that may change when a run is resumed (they do not change the trajectory up to the
 # resumed epoch). Everything else must match the stored config.
@@ -439,20 +440,26 @@ def _parse_hidden(value, name: str = "hidden") -> tuple[int, ...]:
 
 
 def with_measured_recipe(config: TrainConfig) -> TrainConfig:
-    """``config`` (resolved) with the unbiased estimator's measured warm-start recipe applied.
+    """``config`` (resolved) with the measured warm-start recipe of the unbiased estimators.
 
-    For ``estimator="unbiased"`` with the constant schedule and no warm start of its own: the
-    first ``int(0.8 * epochs)`` epochs train with IWAE-5 at ``config.lr`` (the warm-start
-    phase), the rest with the unbiased estimator at Adam ``3e-5``. Measured on MNIST
-    (benchmarks/RESULTS.md): from scratch at lr 1e-3 the unbiased models trail IWAE-5 by ~29
-    nats after 300 steps; continued from an IWAE-5 start at IWAE's step (3e-4) they LOSE 3 nats
-    in 600 steps (the gradient noise term eta^2 tr(H Sigma) wins); at 3e-5 they gain (+0.41 to
-    +0.53 nats in 3,000 steps on all of MNIST). Any other config is returned resolved and
-    otherwise unchanged (a run of 1 epoch has no room for a warm start).
+    For ``estimator="unbiased"`` or ``"mlmc"`` with the constant schedule and no warm start of
+    its own: the first ``int(0.8 * epochs)`` epochs train with IWAE-5 at ``config.lr`` (the
+    warm-start phase), the rest with the estimator at Adam ``3e-5``. Measured on MNIST
+    (benchmarks/RESULTS.md): from scratch at lr 1e-3 the coupled chains' models trail IWAE-5 by
+    ~29 nats after 300 steps; continued from an IWAE-5 start at IWAE's step (3e-4) they LOSE 3
+    nats in 600 steps (the gradient noise term eta^2 tr(H Sigma) wins); at 3e-5 they gain (+0.41
+    to +0.53 nats in 3,000 steps on all of MNIST). MLMC behaves the same: 10 epochs of 10,000
+    images end 28.6 nats better under the recipe than from scratch at 1e-3, and its second phase
+    gains what the chains' does. Any other config is returned resolved and otherwise unchanged
+    (a run of 1 epoch has no room for a warm start).
     """
     config = config.resolved()
     assert config.epochs is not None  # resolved() fills it
-    if config.estimator != "unbiased" or config.schedule != "constant" or config.warm_start_epochs:
+    if (
+        config.estimator not in RECIPE_ESTIMATORS
+        or config.schedule != "constant"
+        or config.warm_start_epochs
+    ):
         return config
     warm = int(RECIPE_WARM_START_FRACTION * config.epochs)
     if warm == 0:
