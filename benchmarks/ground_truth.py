@@ -482,6 +482,7 @@ def run_deep(args):
         return {"obj": ll - 0.5 * lam * G.decoder_sq_norm(p), "ll": ll, "grad_norm": norm}
 
     optimizer = optax.adam(G.robbins_monro(args.deep_lr, args.deep_decay))
+    start_optimizer = optax.adam(G.robbins_monro(args.deep_start_lr, args.deep_decay))
     rows, curves, ref = [], {}, None
     methods = _methods(
         gt.model,
@@ -499,7 +500,7 @@ def run_deep(args):
             exact_grad if est is None else G.with_weight_decay(est, lam),
             init_fn,
             x,
-            optimizer,
+            optimizer if ref is None or args.deep_start == "random" else start_optimizer,
             args.deep_steps,
             args.seeds,
             record,
@@ -576,7 +577,8 @@ def deep_table(res, args):
         f"of the last half (avg); seeds {args.seeds} (each its own initialisation); "
         + (
             "every method but the exact gradient starts at the same seed's exact-gradient "
-            "averaged decoder (its encoder at initialisation); "
+            "averaged decoder (its encoder at initialisation) and runs with the step "
+            f"{args.deep_start_lr}/(1+t/{args.deep_decay:g})^0.6; "
             if args.deep_start == "optimum"
             else ""
         )
@@ -790,6 +792,13 @@ def main(argv=None):
         choices=["random", "optimum"],
         help="optimum: every method but the exact gradient starts at the exact-gradient run's "
         "averaged decoder (does it stay there?)",
+    )
+    ap.add_argument(
+        "--deep-start-lr",
+        type=float,
+        default=0.01,
+        help="with --deep-start optimum: the step of the methods started at the optimum (the "
+        "exact-gradient run that finds it keeps --deep-lr)",
     )
     ap.add_argument("--deep-steps", type=int, default=5000)
     ap.add_argument("--deep-lr", type=float, default=0.05)
