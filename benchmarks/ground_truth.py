@@ -30,7 +30,10 @@ Four models whose log-likelihood is exact (``vaeml_jax.ground_truth``):
   parameter (default lambda = 0.1 per image): the MAP objective (1/N) sum_i log p(x_i) -
   lambda/2 ||theta||^2 has a finite maximiser (without the penalty the decoder memorises the
   images and never converges), and at this lambda the exact-gradient runs from different
-  initialisations end at the same one (smaller lambdas gave several local optima). Every
+  initialisations end at the same one (smaller lambdas gave several local optima). It is not the
+  only local maximum: the decoder that ignores z (posterior collapse, where the fixed-width
+  proposal is exact and every bound tight) is another, and a run from a random start may end
+  there; ``--deep-start optimum`` starts every method at the exact optimum instead. Every
   estimator gets the penalty's exact gradient added (an unbiased one stays unbiased). Proposal
   N(mu_phi(x), 1), fixed width as for lfa; same grid, optimizer and averaging as lfa; the table
   states whether the exact run met the convergence criterion (|grad| < 1e-3 and a drift of the
@@ -46,7 +49,7 @@ Prints markdown tables (mean +- SE over seeds), writes ``--json`` and PNG curves
 
     python benchmarks/ground_truth.py                 # the RESULTS.md runs (~11 CPU-minutes)
     python benchmarks/ground_truth.py --models lfa    # the logistic factor model only (~4 CPU-min)
-    python benchmarks/ground_truth.py --models deep   # the deep decoder (~20 min wall, loaded)
+    python benchmarks/ground_truth.py --models deep   # the deep decoder (~11-17 min wall, loaded)
     python benchmarks/ground_truth.py --quick         # smoke run (compile-bound)
 """
 
@@ -589,8 +592,9 @@ def deep_table(res, args):
         "decoders' logits over the grid (sign of z aligned; blind to hidden-unit symmetries); "
         "|grad| = norm of the exact full-data gradient of the MAP objective in theta; drift = "
         "change of the averaged MAP objective over the last 10% of the steps; seeds at the "
-        "optimum = seeds whose |gap| < 1e-3 (the MAP objective can have other local maxima, "
-        "such as the decoder that ignores z; the other seeds ended at one). Convergence "
+        "optimum = seeds whose |gap| < 1e-3 (the others ended at another local maximum of the "
+        "MAP objective, such as the decoder that ignores z, or at a bound's biased fixed "
+        "point). Convergence "
         f"criterion for the exact run, |grad| < 1e-3 and |drift| < 1e-5 on every seed: "
         f"{'met' if met else 'NOT met'}. The exact-gradient runs from the {len(args.seeds)} "
         f"initialisations end {u['objective_range']:.2g} nats/image apart in the MAP objective, "
