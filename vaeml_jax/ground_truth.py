@@ -467,7 +467,7 @@ def grid_resolution_gap(
 def decoder_sq_norm(params: Params) -> Array:
     r""":math:`\|\theta\|^2`, the squared Euclidean norm of every decoder parameter (weights and
     biases): a scalar."""
-    return sum(jnp.sum(a**2) for a in jax.tree.leaves(params["decoder"]))
+    return jnp.sum(jnp.stack([jnp.sum(a**2) for a in jax.tree.leaves(params["decoder"])]))
 
 
 def map_objective(
