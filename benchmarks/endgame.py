@@ -66,9 +66,9 @@ Output (``--out``): ``settings.json``, ``seed<s>/phase1/``, ``seed<s>/phase2/<me
 ``results.json`` (also ``--json``), ``results.md`` (tables), ``objective_vs_evals.png``,
 ``objective_vs_seconds.png``, ``spread_vs_n.png``.
 
-The defaults come from a pilot on the shared 2-core CPU under load (load average ~8): one seed
-~80-90 min (phase 1 <= 20 min at 0.03 s/step; phase 2 ~10 s per step of all runs, IWAE-5 0.35 s,
-unbiased 1.4-3 s, IWAE-50 2.6 s per full-batch step; scoring ~100 s per model).
+The defaults are sized from a pilot on a 2-core CPU (benchmarks/RESULTS.md, "Endgame"): one seed
+~80-90 min there (phase 1 <= 20 min at 0.03 s/step; phase 2 ~10 s per step of all runs, IWAE-5
+0.35 s, unbiased 1.4-3 s, IWAE-50 2.6 s per full-batch step; scoring ~100 s per model).
 
     nice -n 5 python benchmarks/endgame.py --out runs/endgame --seeds 0 1 2 --resume
     nice -n 5 python benchmarks/endgame.py --out runs/endgame --seeds 0 1 2 --resume \
@@ -106,8 +106,8 @@ from vaeml_jax.training.rundir import write_atomic  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 METHODS = ("iwae5", "unbiased", "iwae_matched", "iwae50", "iwae500")
-# IWAE-500 is opt-in: 36 s per full-batch step on the loaded 2-core CPU (11x IWAE-50), alone more
-# than the ~1.5 h a seed is given (notes of the pilot: /work/notes/endgame_report.md).
+# IWAE-500 is opt-in: 36 s per full-batch step in the 2-core CPU pilot (11x IWAE-50), alone more
+# than the ~1.5 h the rest of a seed takes there.
 DEFAULT_METHODS = METHODS[:-1]
 REFERENCE = "iwae5"  # the paired reference: IWAE-5 continued
 RM_POWER = 0.6  # Robbins-Monro exponent: sum gamma = inf, sum gamma^2 < inf

@@ -49,7 +49,7 @@ Prints markdown tables (mean +- SE over seeds), writes ``--json`` and PNG curves
 
     python benchmarks/ground_truth.py                 # the RESULTS.md runs (~11 CPU-minutes)
     python benchmarks/ground_truth.py --models lfa    # the logistic factor model only (~4 CPU-min)
-    python benchmarks/ground_truth.py --models deep   # the deep decoder (~11-17 min wall, loaded)
+    python benchmarks/ground_truth.py --models deep   # the deep decoder (~11-17 min wall, 2 cores)
     python benchmarks/ground_truth.py --quick         # smoke run (compile-bound)
 """
 
