@@ -132,7 +132,7 @@ from vaeml_jax.training.rundir import write_atomic, write_config  # noqa: E402
 
 ESTIMATORS = ("elbo", "iwae", "mcmc", "unbiased", "sumo", "mlmc")
 DATASETS = ("mnist", "fashion_mnist", "omniglot")
-# Published test log-likelihoods (nats), one stochastic layer: /work/shared/PROTOCOL.md.
+# Published test log-likelihoods (nats), one stochastic layer (the papers cited per row).
 PUBLISHED = {
     "mnist": [
         ("VAE k=1 (IWAE paper, Table 1)", -86.76),
