@@ -790,26 +790,16 @@ def score_model(a, ctx: dict, name: str, params, d: Path, log) -> dict:
         adapt_chains=a.ais_adapt_chains,
         **common,
     )
-    is_ = evaluate(
-        vae.model,
-        params,
-        ctx["train_x"],
-        jax.random.fold_in(key, 1),
-        method="is",
-        num_samples=a.is_k,
-        chunk_size=min(a.is_k, 500),
-        **common,
-    )
-    test = evaluate(
-        vae.model,
-        params,
-        ctx["test_x"],
-        jax.random.fold_in(key, 2),
-        method="is",
-        num_samples=a.is_k,
-        chunk_size=min(a.is_k, 500),
-        **common,
-    )
+
+    def importance_sampling(x, i):
+        k = jax.random.fold_in(key, i)
+        return evaluate(
+            vae.model, params, x, k, method="is", num_samples=a.is_k,
+            chunk_size=min(a.is_k, 500), **common,
+        )  # fmt: skip
+
+    is_ = importance_sampling(ctx["train_x"], 1)
+    test = importance_sampling(ctx["test_x"], 2)
     res = dict(
         name=name,
         settings=settings,
