@@ -4,11 +4,18 @@ Both consume the same random draws, so for a fixed key they must agree on every 
 (meeting times, iterations, capping) bit for bit and on the gradient up to float summation order.
 The plain loop is checked for unbiasedness against closed forms in test_unbiased.py; this makes it
 the reference for the scheduled one.
+
+Every program here is compiled by XLA's unoptimised backend (``fast_jit``): these tests compare two
+loops on tiny models, so their time is compilation; both sides of each comparison are compiled
+alike. The plain reference of each case is computed once per test process.
 """
+
+import functools
 
 import jax
 import jax.numpy as jnp
 import pytest
+from _fast_compile import fast_jit
 
 import vaeml_jax as vj
 from vaeml_jax import testing as T
@@ -31,12 +38,17 @@ CASES = [
 ]
 
 
-@pytest.fixture(scope="module")
-def setup():
+@functools.cache
+def _setup():
     model = T.linear_gaussian_model()
     params = T.linear_gaussian_params(jax.random.key(0), proposal_quality=0.3)
     x = 2.0 * jax.random.normal(jax.random.key(3), (24, 3))
     return model, params, x
+
+
+@pytest.fixture(scope="module")
+def setup():
+    return _setup()
 
 
 # num_slots alone runs the cascade P, P/2, ..., 1 (the default); slot_cascade=False keeps P slots.
@@ -49,12 +61,19 @@ PAIRS = (
 )
 
 
+@functools.cache
+def _plain_reference(case: int):
+    """The plain loop's (grads, info) for CASES[case] on the module's set-up, key 5."""
+    model, params, x = _setup()
+    plain = fast_jit(vj.make_unbiased_grad(model, num_particles=3, loop=PLAIN, **CASES[case]))
+    return plain(params, x, jax.random.key(5))
+
+
 @pytest.mark.parametrize("kwargs,loop", PAIRS)
 def test_scheduled_equals_plain_loop(setup, kwargs, loop):
     model, params, x = setup
-    plain = jax.jit(vj.make_unbiased_grad(model, num_particles=3, loop=PLAIN, **kwargs))
-    sched = jax.jit(vj.make_unbiased_grad(model, num_particles=3, loop=loop, **kwargs))
-    g_ref, i_ref = plain(params, x, jax.random.key(5))
+    sched = fast_jit(vj.make_unbiased_grad(model, num_particles=3, loop=loop, **kwargs))
+    g_ref, i_ref = _plain_reference(CASES.index(kwargs))
     g, info = sched(params, x, jax.random.key(5))
     for name in ("meeting_time", "num_iters", "capped"):
         assert info[name].shape == i_ref[name].shape
@@ -70,12 +89,11 @@ def test_unrolled_plain_loop_equals_plain_loop(setup, kwargs):
     """unroll=U runs U masked iterations per while_loop step: same per-lane results and the same
     estimate; its overshoot (< U iterations) is counted in num_log_joint_evals."""
     model, params, x = setup
-    ref = jax.jit(vj.make_unbiased_grad(model, num_particles=3, loop=PLAIN, **kwargs))
+    g_ref, i_ref = _plain_reference(CASES.index(kwargs))
     U = 4
-    unrolled = jax.jit(
+    unrolled = fast_jit(
         vj.make_unbiased_grad(model, num_particles=3, loop=LoopOptions(unroll=U), **kwargs)
     )
-    g_ref, i_ref = ref(params, x, jax.random.key(5))
     g, info = unrolled(params, x, jax.random.key(5))
     for name in ("meeting_time", "num_iters", "capped"):
         assert bool(jnp.all(info[name] == i_ref[name])), name
@@ -117,10 +135,10 @@ def test_scheduled_equals_plain_loop_for_a_vae(variant):
     model = vae.model._replace(**change)
     params = vae.init(jax.random.key(0))
     x = (jax.random.uniform(jax.random.key(1), (32, 20)) < 0.4).astype(jnp.float32)
-    g_ref, i_ref = jax.jit(vj.make_unbiased_grad(model, num_particles=5, loop=PLAIN, **kw))(
+    g_ref, i_ref = fast_jit(vj.make_unbiased_grad(model, num_particles=5, loop=PLAIN, **kw))(
         params, x, jax.random.key(2)
     )
-    g, info = jax.jit(vj.make_unbiased_grad(model, num_particles=5, loop=queue(3), **kw))(
+    g, info = fast_jit(vj.make_unbiased_grad(model, num_particles=5, loop=queue(3), **kw))(
         params, x, jax.random.key(2)
     )
     assert int(jnp.max(i_ref["num_iters"])) > 3  # the cascade and the deferred stages ran
@@ -132,9 +150,11 @@ def test_scheduled_equals_plain_loop_for_a_vae(variant):
 def test_few_slots_do_less_work(setup):
     """The point of the queue: evaluations follow the mean, not the max, number of iterations."""
     model, params, x = setup
-    plain = vj.make_unbiased_grad(model, num_particles=3, loop=PLAIN)
+    plain = fast_jit(vj.make_unbiased_grad(model, num_particles=3, loop=PLAIN))
     # forward and backward per atom (no deferred backward, whose second evaluation is counted)
-    sched = vj.make_unbiased_grad(model, num_particles=3, loop=queue(4, deferred_backward=False))
+    sched = fast_jit(
+        vj.make_unbiased_grad(model, num_particles=3, loop=queue(4, deferred_backward=False))
+    )
     _, i_ref = plain(params, x, jax.random.key(9))
     _, info = sched(params, x, jax.random.key(9))
     mean_iters = float(jnp.mean(i_ref["num_iters"]))
@@ -146,10 +166,14 @@ def test_few_slots_do_less_work(setup):
 def test_cascade_does_less_work(setup):
     """Shrinking the slots as the queue drains evaluates fewer atoms than P slots to the end."""
     model, params, x = setup
-    flat = vj.make_unbiased_grad(
-        model, num_particles=3, loop=queue(8, slot_cascade=False, deferred_backward=False)
+    flat = fast_jit(
+        vj.make_unbiased_grad(
+            model, num_particles=3, loop=queue(8, slot_cascade=False, deferred_backward=False)
+        )
     )
-    cascade = vj.make_unbiased_grad(model, num_particles=3, loop=queue(8, deferred_backward=False))
+    cascade = fast_jit(
+        vj.make_unbiased_grad(model, num_particles=3, loop=queue(8, deferred_backward=False))
+    )
     _, i_flat = flat(params, x, jax.random.key(9))
     _, info = cascade(params, x, jax.random.key(9))
     assert bool(jnp.all(info["num_iters"] == i_flat["num_iters"]))
@@ -163,8 +187,10 @@ def test_deferred_backward_counts_its_second_evaluation(setup):
 
     model, params, x = setup
     S = 3
-    now = vj.make_unbiased_grad(model, num_particles=S, loop=queue(1, deferred_backward=False))
-    deferred = vj.make_unbiased_grad(model, num_particles=S, loop=queue(1))
+    now = fast_jit(
+        vj.make_unbiased_grad(model, num_particles=S, loop=queue(1, deferred_backward=False))
+    )
+    deferred = fast_jit(vj.make_unbiased_grad(model, num_particles=S, loop=queue(1)))
     _, i_now = now(params, x, jax.random.key(9))
     _, info = deferred(params, x, jax.random.key(9))
     rows = int(jnp.sum(i_now["num_iters"] + 1))  # lane-iterations
@@ -213,11 +239,13 @@ def test_default_loop_follows_the_backend(setup, monkeypatch, backend, expect_qu
     model, params, x = setup
     monkeypatch.setattr(jax, "default_backend", lambda: backend)
     B, C = x.shape[0], 2
-    default = vj.make_unbiased_grad(model, num_particles=3, num_chains=C)
+    default = fast_jit(vj.make_unbiased_grad(model, num_particles=3, num_chains=C))
     expected = queue(B * C // 4) if expect_queue else PLAIN
-    ref = vj.make_unbiased_grad(model, num_particles=3, num_chains=C, loop=expected)
-    other = vj.make_unbiased_grad(
-        model, num_particles=3, num_chains=C, loop=PLAIN if expect_queue else queue(B * C // 4)
+    ref = fast_jit(vj.make_unbiased_grad(model, num_particles=3, num_chains=C, loop=expected))
+    other = fast_jit(
+        vj.make_unbiased_grad(
+            model, num_particles=3, num_chains=C, loop=PLAIN if expect_queue else queue(B * C // 4)
+        )
     )
     _, info = default(params, x, jax.random.key(4))
     _, i_ref = ref(params, x, jax.random.key(4))
