@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _fast_compile import fast_jit
 
 import vaeml_jax as vj
 from vaeml_jax import diagnostics
@@ -101,7 +102,7 @@ def _lg_setup(B=6):
 )
 def test_estimators_report_importance_diagnostics(make):
     model, params, x = _lg_setup()
-    _, info = make(model)(params, x, jax.random.key(2))
+    _, info = fast_jit(make(model))(params, x, jax.random.key(2))
     for name in ("ess", "log1p_chi2", "log_weight_std"):
         assert info[name].shape == (x.shape[0],), name
         assert np.all(np.isfinite(info[name])), name
@@ -112,8 +113,8 @@ def test_plain_and_work_queue_loops_report_the_same_diagnostics():
     model, params, x = _lg_setup(B=8)
     key = jax.random.key(3)
     plain, queue = vj.LoopOptions(num_slots=None), vj.LoopOptions(num_slots=3)
-    _, a = vj.make_unbiased_grad(model, num_particles=4, loop=plain)(params, x, key)
-    _, b = vj.make_unbiased_grad(model, num_particles=4, loop=queue)(params, x, key)
+    _, a = fast_jit(vj.make_unbiased_grad(model, num_particles=4, loop=plain))(params, x, key)
+    _, b = fast_jit(vj.make_unbiased_grad(model, num_particles=4, loop=queue))(params, x, key)
     for name in ("ess", "log1p_chi2", "log_weight_std"):
         np.testing.assert_allclose(a[name], b[name], rtol=1e-5)
 
@@ -125,7 +126,7 @@ def test_nan_log_joint_gives_a_clear_summary_not_a_crash():
         return jnp.where(xi[0] == x[0, 0], jnp.nan, model.log_joint(p, xi, z))
 
     bad = vj.LatentVariableModel(nan_joint, model.sample_proposal, model.log_proposal)
-    _, info = vj.make_unbiased_grad(bad, num_particles=4, max_iters=20)(
+    _, info = fast_jit(vj.make_unbiased_grad(bad, num_particles=4, max_iters=20))(
         params, x, jax.random.key(4)
     )
     assert float(info["ess"][0]) == 0.0

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _fast_compile import fast_jit
 from _stats import REJECT_FACTOR, pass_threshold, toy, z_scores
 
 import vaeml_jax as vj
@@ -216,24 +217,24 @@ def test_iwae_encoder_particles_draws_its_own(objective):
     est = vj.make_iwae_grad(
         model, num_particles=S, encoder_objective=objective, encoder_particles=K
     )
-    grads, info = jax.jit(est.with_lane_keys)(params, xb, keys)
+    grads, info = fast_jit(est.with_lane_keys)(params, xb, keys)
     ref_enc = jax.grad(
         lambda p: _common.encoder_loss(model, p, xb, _common.encoder_keys(keys), K, objective)[0]
     )(params)["encoder"]
     chex.assert_trees_all_close(grads["encoder"], ref_enc, rtol=2e-5, atol=1e-6)
-    base, base_info = jax.jit(
+    base, base_info = fast_jit(
         vj.make_iwae_grad(model, num_particles=S, encoder_objective=None).with_lane_keys
     )(params, xb, keys)
     chex.assert_trees_all_close(grads["decoder"], base["decoder"], rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(info["bound"], base_info["bound"], rtol=1e-6)
     assert int(info["num_log_joint_evals"]) == B * (S + K)
     # K == S explicitly is the default (the estimator's own draws, no extra evaluations)
-    same, same_info = jax.jit(
+    same, same_info = fast_jit(
         vj.make_iwae_grad(
             model, num_particles=S, encoder_objective=objective, encoder_particles=S
         ).with_lane_keys
     )(params, xb, keys)
-    dflt, _ = jax.jit(
+    dflt, _ = fast_jit(
         vj.make_iwae_grad(model, num_particles=S, encoder_objective=objective).with_lane_keys
     )(params, xb, keys)
     chex.assert_trees_all_close(same, dflt, rtol=1e-6, atol=1e-7)
@@ -249,10 +250,10 @@ def test_unbiased_encoder_particles(num_slots):
     keys = _common.lane_keys(jax.random.key(2), B, C)
     mk = functools.partial(vj.make_unbiased_grad, model, num_particles=S, k=0, m=2, num_chains=C)
     loop = vj.LoopOptions(num_slots=num_slots)
-    g, info = jax.jit(
+    g, info = fast_jit(
         mk(encoder_objective="iwae_dreg", encoder_particles=K, loop=loop).with_lane_keys
     )(params, xb, keys)
-    g0, info0 = jax.jit(mk(encoder_objective=None, loop=loop).with_lane_keys)(params, xb, keys)
+    g0, info0 = fast_jit(mk(encoder_objective=None, loop=loop).with_lane_keys)(params, xb, keys)
     chex.assert_trees_all_close(g["decoder"], g0["decoder"], rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(info["meeting_time"], info0["meeting_time"])
     key_x0 = jax.vmap(jax.vmap(lambda kk: jax.random.split(kk, 4)[0]))(keys)
@@ -277,7 +278,7 @@ def test_mcmc_and_unbiased_accept_new_objectives(objective):
         vj.make_unbiased_grad(model, num_particles=3, encoder_objective=objective),
         vj.make_elbo_grad(model, encoder_objective=objective, num_particles=4),
     ):
-        grads, _ = jax.jit(est)(params, xb, key)
+        grads, _ = fast_jit(est)(params, xb, key)
         for leaf in jax.tree.leaves(grads["encoder"]):
             assert np.all(np.isfinite(leaf)) and np.any(leaf != 0)
 

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _fast_compile import fast_jit
 from scipy import stats
 
 import vaeml_jax as vj
@@ -215,7 +216,7 @@ def test_estimators_run_with_each_encoder(encoder, objective):
             vae.model, num_particles=4, encoder_objective=objective, max_iters=50
         ),
     ):
-        grads, info = jax.jit(est)(p, x, key)
+        grads, info = fast_jit(est)(p, x, key)  # compile-bound: tiny model, one call
         assert jax.tree.structure(grads) == jax.tree.structure(p)
         for path, leaf in jax.tree_util.tree_flatten_with_path(grads)[0]:
             assert np.all(np.isfinite(leaf)), path

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _fast_compile import fast_jit
 
 import vaeml_jax as vj
 from vaeml_jax.models import VAE, VAEConfig, build_vae
@@ -277,8 +278,8 @@ def test_estimators_give_the_same_gradients_with_and_without_the_one_pass_hook()
         lambda m: vj.make_iwae_grad(m, num_particles=4),
         lambda m: vj.make_unbiased_grad(m, num_particles=3),
     ):
-        g1, i1 = make(vae.model)(params, x, jax.random.key(2))
-        g2, i2 = make(plain)(params, x, jax.random.key(2))
+        g1, i1 = fast_jit(make(vae.model))(params, x, jax.random.key(2))
+        g2, i2 = fast_jit(make(plain))(params, x, jax.random.key(2))
         assert bool(jnp.all(i1["num_iters"] == i2["num_iters"]))
         for u, w in zip(jax.tree.leaves(g1), jax.tree.leaves(g2), strict=True):
             np.testing.assert_allclose(u, w, rtol=1e-4, atol=1e-5)
@@ -336,7 +337,7 @@ def test_estimators_run_under_jit(kw, names):
     params = vae.init(jax.random.key(0), data_mean=np.full(D, 0.3))
     fns = {n: ESTIMATORS[n](vae.model) for n in names}
 
-    @jax.jit
+    @fast_jit
     def run_all(p, x, key):
         keys = jax.random.split(key, len(fns))
         return {n: f(p, x, k)[0] for (n, f), k in zip(fns.items(), keys, strict=True)}
