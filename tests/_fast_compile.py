@@ -37,3 +37,26 @@ def run_result_script(script: str, *args: str, env: dict | None = None, timeout:
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT")]
     assert proc.returncode == 0 and lines, proc.stderr[-4000:]
     return json.loads(lines[-1][len("RESULT") :])
+
+
+def run_python(args, data_dir, *, check: bool = True, timeout: float = 600):
+    """``python *args`` in the repository root, on the CPU, under the fast-compile flags, with
+    ``VAEML_DATA_DIR=data_dir`` (the benchmark scripts' smoke runs are compile-bound); returns the
+    CompletedProcess, asserting exit status 0 unless ``check=False``."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = dict(os.environ, VAEML_DATA_DIR=str(data_dir), JAX_PLATFORMS="cpu", XLA_FLAGS=XLA_FLAGS)
+    proc = subprocess.run(
+        [sys.executable, *map(str, args)],
+        cwd=Path(__file__).resolve().parents[1],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if check:
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc

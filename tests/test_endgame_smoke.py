@@ -20,23 +20,8 @@ REPO = Path(__file__).resolve().parents[1]
 SCRIPT = str(REPO / "benchmarks" / "endgame.py")
 
 
-def _run(args, data_dir, timeout=600):
-    env = dict(
-        os.environ,
-        VAEML_DATA_DIR=str(data_dir),
-        JAX_PLATFORMS="cpu",
-        XLA_FLAGS=_fast_compile.XLA_FLAGS,  # compile-bound
-    )
-    proc = subprocess.run(
-        [sys.executable, SCRIPT, *args],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
+def _run(args, data_dir):
+    return _fast_compile.run_python([SCRIPT, *args], data_dir)
 
 
 @pytest.mark.slow

@@ -18,23 +18,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _run(args, mnist_dir, timeout=600):
-    env = dict(
-        os.environ,
-        VAEML_DATA_DIR=str(mnist_dir),
-        JAX_PLATFORMS="cpu",
-        XLA_FLAGS=_fast_compile.XLA_FLAGS,  # compile-bound
-    )
-    proc = subprocess.run(
-        [sys.executable, *args],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
+def _run(args, mnist_dir):
+    return _fast_compile.run_python(args, mnist_dir)
 
 
 @pytest.mark.slow
