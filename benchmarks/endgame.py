@@ -32,7 +32,9 @@ a partial one from its last checkpoint, with the same keys, so the result is the
    ``--burn-in`` steps. Methods: ``iwae5`` (continued), ``unbiased`` (``make_unbiased_grad``,
    S = ``--unbiased-particles``, H_{0:0}), ``iwae_matched`` (IWAE with S' = the unbiased run's
    executed log_joint evaluations per example and step; so unbiased runs first), ``iwae50``,
-   and ``iwae500`` (opt-in: 36 s per step here). Optimizer
+   and ``iwae500`` on a fresh random ``--iwae500-batch`` images per step (100 by default: the
+   evaluations per step of IWAE-50's full batch; full batch it took 36 s per step here, 11x
+   IWAE-50; ``--iwae500-batch 0`` for the full batch). Optimizer
    (``--optimizer``): ``precond_sgd`` (default): SGD with a FIXED diagonal preconditioner,
    1/sqrt(v) of phase 1's final Adam second moment, floored at the ``--precond-floor`` quantile
    of its positive entries (the median by default: coordinates with a small phase-1 moment get
@@ -67,12 +69,11 @@ Output (``--out``): ``settings.json``, ``seed<s>/phase1/``, ``seed<s>/phase2/<me
 ``objective_vs_seconds.png``, ``spread_vs_n.png``.
 
 The defaults are sized from a pilot on a 2-core CPU (benchmarks/RESULTS.md, "Endgame"): one seed
-~80-90 min there (phase 1 <= 20 min at 0.03 s/step; phase 2 ~10 s per step of all runs, IWAE-5
-0.35 s, unbiased 1.4-3 s, IWAE-50 2.6 s per full-batch step; scoring ~100 s per model).
+~80-110 min there (phase 1 <= 20 min at 0.03 s/step; phase 2 ~13 s per step of all runs, IWAE-5
+0.35 s, unbiased 1.4-3 s, IWAE-50 2.6 s per full-batch step, IWAE-500 about as much on its 100
+images; scoring ~100-300 s per model).
 
     nice -n 5 python benchmarks/endgame.py --out runs/endgame --seeds 0 1 2 --resume
-    nice -n 5 python benchmarks/endgame.py --out runs/endgame --seeds 0 1 2 --resume \
-        --methods iwae5 unbiased iwae_matched iwae50 iwae500  # add IWAE-500 to finished seeds
     python benchmarks/endgame.py --plan                 # every phase's resolved settings
     python benchmarks/endgame.py --quick --out /tmp/eg  # every code path, tiny (~20 s of CPU)
 """
@@ -106,9 +107,7 @@ from vaeml_jax.training.rundir import write_atomic  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 METHODS = ("iwae5", "unbiased", "iwae_matched", "iwae50", "iwae500")
-# IWAE-500 is opt-in: 36 s per full-batch step in the 2-core CPU pilot (11x IWAE-50), alone more
-# than the ~1.5 h the rest of a seed takes there.
-DEFAULT_METHODS = METHODS[:-1]
+DEFAULT_METHODS = METHODS
 REFERENCE = "iwae5"  # the paired reference: IWAE-5 continued
 RM_POWER = 0.6  # Robbins-Monro exponent: sum gamma = inf, sum gamma^2 < inf
 _P2_STEPS: dict = {}  # compiled steps, shared by replicates and seeds
@@ -133,6 +132,7 @@ TRAJECTORY_KEYS = (
     "steps",
     "burn_in",
     "batch",
+    "iwae500_batch",
     "unbiased_particles",
     "max_iters",
     "precond_floor",
@@ -205,6 +205,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--steps", type=int, default=300)
     add("--burn-in", type=int, default=30)
     add("--batch", type=int, default=None, help="examples per step (default: all N)")
+    add(
+        "--iwae500-batch",
+        type=int,
+        default=100,
+        help="IWAE-500's examples per step (a fresh random subset; 0: --batch)",
+    )
     add("--unbiased-particles", type=int, default=5)
     add("--max-iters", type=int, default=1000)
     add("--precond-floor", type=float, default=0.5, help="quantile flooring sqrt(v)")
@@ -266,7 +272,7 @@ def plan(a) -> dict:
             step=f"{a.gamma0}/(1+t/{a.t0})^{RM_POWER}",
             steps=a.steps,
             burn_in=a.burn_in,
-            batch=a.batch or a.n_train,
+            batch={m: method_batch(a, m) for m in a.methods},
             unbiased_particles=a.unbiased_particles,
             max_iters=a.max_iters,
             replicates=a.replicates,
@@ -296,6 +302,13 @@ def snapshot_ns(n_avg: int, count: int) -> np.ndarray:
     if n_avg < 1:
         return np.zeros(0, int)
     return np.unique(np.round(np.geomspace(1, n_avg, max(count, 2))).astype(int))
+
+
+def method_batch(a, method: str) -> int:
+    """Examples per phase-2 step: all N unless ``--batch`` (IWAE-500: ``--iwae500-batch``)."""
+    if method == "iwae500" and a.iwae500_batch:
+        return min(a.iwae500_batch, a.n_train)
+    return a.batch or a.n_train
 
 
 def method_particles(method: str, a, matched_s: int | None = None) -> int:
@@ -619,7 +632,7 @@ def run_method(a, ctx: dict, method: str, rep: int, s: int, d: Path, log) -> dic
     if (d / "record.pkl").exists():
         return load_pickle(d / "record.pkl")
     vae, start, train_x = ctx["vae"], ctx["start"], ctx["train_x"]
-    n_batch = a.batch or a.n_train
+    n_batch = method_batch(a, method)
     step_fn = cached_p2_step(a, vae, method, s, n_batch)
     root = jax.random.fold_in(jax.random.fold_in(ctx["root"], stable_id(method)), rep)
     snaps = set(snapshot_ns(a.steps - a.burn_in, a.snapshots).tolist())
@@ -936,6 +949,7 @@ def score_rows(a, seeds: list[dict]) -> list[dict]:
                 model=name,
                 diverged=[r["diverged"] for r in runs if r and r["diverged"]],
                 S=None if runs[0] is None else runs[0]["S"],
+                batch=None if runs[0] is None else runs[0]["batch"],
                 evals_per_example_step=mean_se([r["evals_per_example_step"] for r in runs if r]),
                 seconds=mean_se([float(np.sum(r["seconds"])) for r in runs if r]),
                 objective_ais=mean_se([p["objective_ais"] for p in per_seed]),
@@ -974,21 +988,23 @@ def markdown(a, seeds: list[dict], scores: list[dict], rates: list[dict]) -> str
         f"-{a.latent}, weight decay lambda = {a.weight_decay:g}; phase 1 IWAE-5 + Adam ({p1}); "
         f"phase 2 {a.optimizer}, gamma_t = {a.gamma0:g}/(1+t/{a.t0:g})^{RM_POWER}, "
         f"{a.steps} steps, "
-        f"batch {a.batch or a.n_train}, Polyak average after {a.burn_in}; seeds {ids}, "
+        f"batch (per method below), Polyak average after {a.burn_in}; seeds {ids}, "
         f"mean +- SE over seeds. Objective = mean log p(x) - lambda/2 ||theta||^2 (nats/image): "
         f"AIS ({a.ais_steps} temperatures, {a.ais_chains} chains, {a.ais_leapfrog} leapfrog) and "
         f"IS (K = {a.is_k}) on all {a.n_train} training images; test LL: IS K = {a.is_k} on "
         f"{a.test_images} test images. prior term: lambda/2 ||theta||^2 (add it back for mean "
         f"log p(x)). diff vs {REFERENCE}: paired per image (AIS).",
         "",
-        "| model | S | evals/example/step | phase-2 s | objective AIS | objective IS | AIS - IS "
-        f"| prior term | diff vs {REFERENCE} | per seed (mean +- SE over images) | test LL IS |",
-        "|" + " --- |" * 11,
+        "| model | S | batch | evals/example/step | phase-2 s | objective AIS | objective IS "
+        f"| AIS - IS | prior term | diff vs {REFERENCE} | per seed (mean +- SE over images) "
+        "| test LL IS |",
+        "|" + " --- |" * 12,
     ]
     for r in scores:
         per = ", ".join(fmt(*d, 3) for d in r["diff_vs_ref_per_seed"])
         lines.append(
             f"| {r['model']}{diverged_note(r['diverged'])} | {r['S'] or '-'} "
+            f"| {r['batch'] or '-'} "
             f"| {fmt(*r['evals_per_example_step'], 1)} "
             f"| {fmt(*r['seconds'], 0)} | {fmt(*r['objective_ais'])} | {fmt(*r['objective_is'])} "
             f"| {fmt(*r['ais_minus_is'], 3)} | {fmt(*r['penalty'])} | {fmt(*r['diff_vs_ref'], 3)} "
@@ -1025,7 +1041,7 @@ def plots(a, seeds: list[dict], out: Path) -> list[str]:
 
     paths = []
     for xkey, xlabel, fname in (
-        ("evals", "cumulative log_joint evaluations per example", "objective_vs_evals.png"),
+        ("evals", "cumulative log_joint evaluations / N", "objective_vs_evals.png"),
         ("seconds", "cumulative seconds (phase 2 steps)", "objective_vs_seconds.png"),
     ):
         fig, ax = plt.subplots(figsize=(6.5, 4.2))
@@ -1033,7 +1049,7 @@ def plots(a, seeds: list[dict], out: Path) -> list[str]:
             for j, s in enumerate(seeds):
                 c = s["runs"][method][0]["curve"]
                 x = np.asarray([p[xkey] for p in c], float)
-                x = x / (a.batch or a.n_train) if xkey == "evals" else x
+                x = x / a.n_train if xkey == "evals" else x  # compute: minibatch runs count less
                 y = [p["objective"] for p in c]
                 ax.plot(x[1:], y[1:], color=f"C{i}", alpha=0.8, label=method if j == 0 else None)
         ax.set_xscale("log")
@@ -1118,7 +1134,8 @@ def check_out(a, out: Path) -> None:
         if not a.resume:
             raise SystemExit(f"{out} holds a run: pass --resume to continue it, or another --out")
         old = json.loads(saved.read_text())
-        diff = [k for k in TRAJECTORY_KEYS if old.get(k) != mine[k]]
+        # a key newer than the saved settings (absent there) is taken as given
+        diff = [k for k in TRAJECTORY_KEYS if k in old and old[k] != mine[k]]
         if diff:
             raise SystemExit(f"--resume with other settings than {saved}: {diff}")
     out.mkdir(parents=True, exist_ok=True)

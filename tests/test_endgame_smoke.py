@@ -66,6 +66,10 @@ def test_endgame_plan_resolves_the_real_settings(capsys):
     assert p["model"]["weight_decay"] == pytest.approx(1e-3)  # default 1/N
     assert p["phase2"]["methods"] == list(endgame.DEFAULT_METHODS)
     assert p["phase2"]["snapshots_n"][-1] == p["phase2"]["steps"] - p["phase2"]["burn_in"]
+    # IWAE-500 on 100 random images per step (IWAE-50's evaluations per step), the rest all N
+    assert p["phase2"]["batch"] == {m: 100 if m == "iwae500" else 1000 for m in endgame.METHODS}
+    full = endgame.main(["--plan", "--iwae500-batch", "0"])["plan"]
+    assert set(full["phase2"]["batch"].values()) == {1000}
     assert p["scoring"]["models"][0] == "start" and p["seeds"] == [0, 1, 2]
     assert '"phase1"' in capsys.readouterr().out
     with pytest.raises(SystemExit):
