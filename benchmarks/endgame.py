@@ -56,6 +56,13 @@ a partial one from its last checkpoint, with the same keys, so the result is the
    own final average instead), and the slope of log spread against log n (least squares over
    n >= ``--fit-from``), next to 1/alpha - 1 with alpha the Hill tail index (top 5%) of the
    run's meeting times and of its gradient norms, and next to -1/2.
+   The same question at a fixed point, without the optimizer: at the shared start, ``--noise-draws``
+   independent single-image gradient estimates of each of the first ``--noise-images`` images
+   (IWAE-5 and the unbiased estimator), centred per image and pooled in random order (the noise
+   terms a batch or a run of steps adds up), averaged in groups of n = 1, 2, 4, ...: the spread of
+   the group means (its standard deviation, and the median distance, which follows the scale of
+   a stable law where the variance does not) against n, with its slope; finite-variance noise
+   gives -1/2 for both.
 5. Scoring, for the start and each method's final averaged iterate (replicate 0): the training
    objective by AIS (``--ais-steps`` temperatures, ``--ais-chains`` chains, HMC) and by IS
    (``--is-k``; 1000 by default, as 5000 costs a seed ~25 more minutes on this CPU) on every
@@ -165,6 +172,8 @@ QUICK = dict(
     test_images=50,
     replicates=2,
     max_iters=100,
+    noise_images=4,
+    noise_draws=16,
 )
 
 
@@ -223,6 +232,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--curve-images", type=int, default=200)
     add("--curve-k", type=int, default=100)
     add("--fit-from", type=int, default=10, help="smallest n of the slope fit")
+    add("--noise-images", type=int, default=32, help="images of the fixed-point noise study")
+    add("--noise-draws", type=int, default=128, help="gradient draws per image there")
     # scoring
     add("--is-k", type=int, default=1000)
     add("--ais-steps", type=int, default=100)
@@ -619,6 +630,18 @@ class Sketch:
             size = int(np.prod(leaf.shape))
             self.parts.append((rng.integers(0, dim, size), rng.choice([-1.0, 1.0], size)))
 
+    def jax(self):
+        """The same projection as a traceable function of a tree of arrays."""
+        parts = [(jnp.asarray(h), jnp.asarray(s, jnp.float32)) for h, s in self.parts]
+
+        def project(tree):
+            y = jnp.zeros(self.dim)
+            for leaf, (h, s) in zip(jax.tree.leaves(tree), parts, strict=True):
+                y = y + jax.ops.segment_sum(s * leaf.ravel(), h, self.dim)
+            return y
+
+        return project
+
     def __call__(self, tree) -> np.ndarray:
         y = np.zeros(self.dim)
         for leaf, (h, s) in zip(jax.tree.leaves(tree), self.parts, strict=True):
@@ -865,6 +888,7 @@ def run_seed(a, seed: int, vae, train_x, test_x, log) -> dict:
         sketch_enc=Sketch(start["params"]["encoder"], a.sketch_dim, seed=2),
     )
     runs = phase2(a, ctx, sd / "phase2", log)
+    noise = noise_averaging(a, ctx, sd / "noise.json", log)
     log(f"seed {seed}: scoring")
     scores = {"start": score_model(a, ctx, "start", start["params"], sd / "scores", log)}
     for method, reps in runs.items():
@@ -873,7 +897,89 @@ def run_seed(a, seed: int, vae, train_x, test_x, log) -> dict:
         else:
             scores[method] = score_model(a, ctx, method, reps[0]["avg"], sd / "scores", log)
     p1 = json.loads((sd / "phase1" / "done.json").read_text())
-    return dict(seed=seed, phase1=p1, precond_floor=floor, runs=runs, scores=scores)
+    return dict(seed=seed, phase1=p1, precond_floor=floor, runs=runs, scores=scores, noise=noise)
+
+
+NOISE_METHODS = ("iwae5", "unbiased")
+NOISE_CHUNK = 64  # single-image estimates per compiled call
+
+
+def noise_averaging(a, ctx: dict, path: Path, log) -> dict:
+    """Per method: the spread of the mean of n pooled, per-image-centred single-image decoder
+    gradient estimates at the shared start, against n (cached in ``path``)."""
+    if path.exists():
+        return json.loads(path.read_text())
+    vae, params = ctx["vae"], ctx["start"]["params"]
+    n_img, m = min(a.noise_images, a.n_train), a.noise_draws
+    x = ctx["train_x"][:n_img]
+    idx = np.repeat(np.arange(n_img), m)
+    sketch = ctx["sketch_dec"].jax()
+    res = {}
+    for method in NOISE_METHODS:
+        if method == "unbiased":  # one lane per call: the plain loop (no queue to fill)
+            est = vj.make_unbiased_grad(
+                vae.model,
+                num_particles=a.unbiased_particles,
+                max_iters=a.max_iters,
+                loop=vj.LoopOptions(num_slots=None),
+            )
+        else:
+            est = vj.make_iwae_grad(vae.model, num_particles=5)
+
+        def one(xi, key, est=est):
+            g, info = est(params, xi[None], key)
+            tau = info["meeting_time"][0, 0] if "meeting_time" in info else jnp.zeros((), int)
+            return sketch(g["decoder"]), tau
+
+        chunk = jax.jit(jax.vmap(one))
+        keys = jax.random.split(jax.random.fold_in(ctx["root"], 1000 + stable_id(method)), idx.size)
+        t0 = time.perf_counter()
+        ys, taus = [], []
+        for c in range(0, idx.size, NOISE_CHUNK):
+            y, tau = chunk(x[idx[c : c + NOISE_CHUNK]], keys[c : c + NOISE_CHUNK])
+            ys.append(np.asarray(y, np.float64))
+            taus.append(np.asarray(tau))
+        y = np.concatenate(ys).reshape(n_img, m, -1)
+        tau = np.concatenate(taus)
+        res[method] = noise_spread(y) | dict(
+            seconds=time.perf_counter() - t0,
+            alpha_tau=hill_tail_index(tau) if tau.max() > 0 else float("nan"),
+            tau_mean=float(tau.mean()),
+            tau_max=int(tau.max()),
+        )
+        log(
+            f"  noise at the start, {method}: spread slope sd {res[method]['slope_sd']:.3f}, "
+            f"median {res[method]['slope_median']:.3f} ({res[method]['seconds']:.0f} s)"
+        )
+    write_json(path, res)
+    return res
+
+
+def noise_spread(y: np.ndarray) -> dict:
+    """y: (images, draws, dim) sketched estimates. Centred per image, pooled in a fixed random
+    order, averaged in groups of n = 1, 2, 4, ... (at least 16 groups): the groups' spread."""
+    c = (y - y.mean(1, keepdims=True)).reshape(-1, y.shape[-1])
+    c = c[np.random.default_rng(0).permutation(c.shape[0])]
+    ns, sd, med = [], [], []
+    n = 1
+    while c.shape[0] // n >= 16:
+        g = c[: (c.shape[0] // n) * n].reshape(-1, n, c.shape[1]).mean(1)
+        ns.append(n)
+        sd.append(float(np.sqrt(np.sum(np.var(g, 0, ddof=1)))))
+        med.append(float(np.median(np.linalg.norm(g - g.mean(0), axis=1))))
+        n *= 2
+
+    def slope(v) -> float:
+        return float(np.polyfit(np.log(ns), np.log(v), 1)[0]) if len(ns) >= 2 else float("nan")
+
+    return dict(
+        n=ns,
+        spread_sd=sd,
+        spread_median=med,
+        slope_sd=slope(sd),
+        slope_median=slope(med),
+        alpha_norm=hill_tail_index(np.linalg.norm(c, axis=1)),
+    )
 
 
 # --------------------------------------------------------------------------- analysis
@@ -933,6 +1039,29 @@ def rate_rows(a, seeds: list[dict]) -> list[dict]:
     return rows
 
 
+def noise_rows(seeds: list[dict]) -> list[dict]:
+    """Per method: single-draw spreads, slopes of spread on n, tail indices (mean +- SE)."""
+    rows = []
+    for method in NOISE_METHODS:
+        per = [s["noise"][method] for s in seeds]
+        at = mean_se([r["alpha_tau"] for r in per])
+        an = mean_se([r["alpha_norm"] for r in per])
+        rows.append(
+            dict(
+                method=method,
+                n_max=min(r["n"][-1] for r in per),
+                sd_1=mean_se([r["spread_sd"][0] for r in per]),
+                median_1=mean_se([r["spread_median"][0] for r in per]),
+                slope_sd=mean_se([r["slope_sd"] for r in per]),
+                slope_median=mean_se([r["slope_median"] for r in per]),
+                alpha_tau=at,
+                alpha_norm=an,
+                predicted_norm=1.0 / an[0] - 1.0 if an[0] > 1 else float("nan"),
+            )
+        )
+    return rows
+
+
 def score_rows(a, seeds: list[dict]) -> list[dict]:
     """Per model: the objectives, the AIS - IS gap, paired differences vs iwae5, test LL."""
     rows = []
@@ -973,7 +1102,7 @@ def diverged_note(steps: list) -> str:
     return f" (diverged at step {', '.join(map(str, steps))})" if steps else ""
 
 
-def markdown(a, seeds: list[dict], scores: list[dict], rates: list[dict]) -> str:
+def markdown(a, seeds: list[dict], scores: list[dict], rates: list[dict], noise: list[dict]) -> str:
     ids = [s["seed"] for s in seeds]
     p1 = "; ".join(
         f"seed {s['seed']}: {s['phase1']['steps']} steps, "
@@ -1030,6 +1159,27 @@ def markdown(a, seeds: list[dict], scores: list[dict], rates: list[dict]) -> str
             f"| {fmt(r['predicted_tau'], float('nan'))} | {fmt(*r['alpha_gnorm'])} "
             f"| {fmt(r['predicted_gnorm'], float('nan'))} |"
         )
+    lines += [
+        "",
+        "#### Averaging the gradient noise at the shared start",
+        "",
+        f"{a.noise_draws} single-image decoder-gradient estimates of each of the first "
+        f"{a.noise_images} training images, centred per image, pooled in random order and "
+        f"averaged in groups of n = 1, 2, 4, ..., {noise[0]['n_max'] if noise else '-'}; spread "
+        "of the group means (sketch): standard deviation and median distance; slopes of log "
+        "spread on log n (-0.5 for finite-variance noise). alpha: Hill tail index (top 5%) of "
+        "the meeting times and of the single-draw noise norms.",
+        "",
+        "| estimator | sd, n = 1 | median, n = 1 | slope sd | slope median | alpha tau "
+        "| alpha noise | 1/alpha - 1 |",
+        "|" + " --- |" * 8,
+    ]
+    for r in noise:
+        lines.append(
+            f"| {r['method']} | {fmt(*r['sd_1'], 1)} | {fmt(*r['median_1'], 1)} "
+            f"| {fmt(*r['slope_sd'])} | {fmt(*r['slope_median'])} | {fmt(*r['alpha_tau'])} "
+            f"| {fmt(*r['alpha_norm'])} | {fmt(r['predicted_norm'], float('nan'))} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -1082,13 +1232,15 @@ def plots(a, seeds: list[dict], out: Path) -> list[str]:
 
 def summarize(a, seeds: list[dict]) -> dict:
     out = Path(a.out)
-    scores, rates = score_rows(a, seeds), rate_rows(a, seeds)
-    md = markdown(a, seeds, scores, rates)
+    scores, rates, noise = score_rows(a, seeds), rate_rows(a, seeds), noise_rows(seeds)
+    md = markdown(a, seeds, scores, rates, noise)
     write_atomic(out / "results.md", md)
     res = dict(
         settings=plan(a),
         scores=scores,
         rates=rates,
+        noise=noise,
+        noise_per_seed={s["seed"]: s["noise"] for s in seeds},
         plots=plots(a, seeds, out),
         phase1={s["seed"]: s["phase1"] for s in seeds},
         runs={

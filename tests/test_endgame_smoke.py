@@ -42,11 +42,16 @@ def test_endgame_quick_runs_every_phase_and_resumes(data_dir, tmp_path):
     for name in ("objective_vs_evals.png", "objective_vs_seconds.png", "spread_vs_n.png"):
         assert (out / name).stat().st_size > 1000
     assert "| unbiased | 5 |" in (out / "results.md").read_text()
+    # the fixed-point noise study: 4 images x 16 draws, groups of n = 1, 2, 4
+    assert [r["method"] for r in res["noise"]] == ["iwae5", "unbiased"]
+    assert res["noise_per_seed"]["0"]["unbiased"]["n"] == [1, 2, 4]
+    assert "#### Averaging the gradient noise at the shared start" in proc.stdout
     # resuming reuses every finished piece: nothing is trained or scored again
     again = _run([*args, "--out", str(out), "--resume"], data_dir)
     head = again.stdout.split("### The endgame")[0]
     assert "phase 2: unbiased" in head
     assert "s/step" not in head and "MAP objective" not in head and "scored" not in head
+    assert "noise at the start" not in head
     # without --resume an existing run is refused
     env = dict(os.environ, VAEML_DATA_DIR=str(data_dir), JAX_PLATFORMS="cpu")
     bad = subprocess.run(
