@@ -145,8 +145,8 @@ def test_unbiased_training_reaches_ml_fit_and_iwae_does_not(bug, monkeypatch):
 # ------------------------------------------------------------------------------------------------
 
 
-def _vae(mnist_dir, num=4, hidden=8):
-    x = jnp.asarray(G.downsampled_binarized_mnist(num, mnist_dir))
+def _vae(data_dir, num=4, hidden=8):
+    x = jnp.asarray(G.downsampled_binarized_mnist(num, data_dir))
     grid = G.uniform_grid(2, 100, 5.0)
     gt = G.grid_vae(grid)
     params = G.grid_vae_init(jax.random.key(0), x.shape[1], 2, hidden)
@@ -164,7 +164,7 @@ def _posterior_proposal(params, x, grid):
 
 
 @pytest.mark.slow
-def test_quadrature_matches_importance_sampling(mnist_dir):
+def test_quadrature_matches_importance_sampling(data_dir):
     r"""Grid log p(x) and its gradient against K-sample importance sampling, within SE.
 
     Proposal r(z) = N(mu, (1.5)^2 Sigma) with the posterior moments from the grid (only the
@@ -175,7 +175,7 @@ def test_quadrature_matches_importance_sampling(mnist_dir):
     agree with the grid within the Bonferroni bound (family-wise 1e-3) in z-score; the grid at
     n = 100 vs 200 points per axis differs by less than 1e-3 nats.
     """
-    gt, params, x, grid = _vae(mnist_dir)
+    gt, params, x, grid = _vae(data_dir)  # binarized MNIST: not shipped, skipped without it
     K, KG = 100_000, 10_000
     ll_grid = np.asarray(gt.log_likelihood(params, x))
     fine = G.uniform_grid(2, 200, 5.0)
@@ -247,7 +247,7 @@ def _lfa_deviations(estimator, start, x, ref, seeds):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("bug", [None, "no_correction"])
-def test_lfa_unbiased_training_stays_at_ml_fit_and_iwae_leaves_it(bug, mnist_dir, monkeypatch):
+def test_lfa_unbiased_training_stays_at_ml_fit_and_iwae_leaves_it(bug, data_dir, monkeypatch):
     r"""The 1-D-latent logistic factor model on real images: the same check as the pPCA test.
 
     Set-up: the first 100 statically binarized MNIST images OR-pooled to 7x7 (pixels that vary),
@@ -265,7 +265,7 @@ def test_lfa_unbiased_training_stays_at_ml_fit_and_iwae_leaves_it(bug, mnist_dir
     fixed point maximises its bound, must exceed REJECT_FACTOR times that bound; so must the
     planted bias (H_{0:0} without its correction sum).
     """
-    x = G.downsampled_binarized_mnist(LFA_N, mnist_dir, size=7)
+    x = G.downsampled_binarized_mnist(LFA_N, data_dir, size=7)
     mean = x.mean(0)
     x = jnp.asarray(x[:, (mean > 0) & (mean < 1)])
     gt = G.grid_vae(G.uniform_grid(1, 100, 6.0), proposal_std=1.0)

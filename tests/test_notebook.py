@@ -11,8 +11,9 @@ NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "quickstart.ipynb
 
 
 @pytest.mark.slow
-def test_quickstart_notebook_executes(tmp_path, monkeypatch):
+def test_quickstart_notebook_executes(tmp_path, monkeypatch, mnist_dir):
     monkeypatch.setenv("VAEML_NOTEBOOK_QUICK", "1")
+    monkeypatch.setenv("VAEML_DATA_DIR", str(mnist_dir))  # a folder with mnist/ in any clone
     monkeypatch.setenv("MPLBACKEND", "Agg")
     monkeypatch.setenv("XLA_FLAGS", _fast_compile.XLA_FLAGS)  # compile-bound
     nb = nbformat.read(NOTEBOOK, as_version=4)
