@@ -174,6 +174,7 @@ QUICK = dict(
     max_iters=100,
     noise_images=4,
     noise_draws=16,
+    noise_methods=["iwae5", "unbiased"],
 )
 
 
@@ -234,6 +235,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--fit-from", type=int, default=10, help="smallest n of the slope fit")
     add("--noise-images", type=int, default=32, help="images of the fixed-point noise study")
     add("--noise-draws", type=int, default=128, help="gradient draws per image there")
+    add("--noise-methods", nargs="+", choices=NOISE_METHODS, default=list(NOISE_METHODS))
     # scoring
     add("--is-k", type=int, default=1000)
     add("--ais-steps", type=int, default=100)
@@ -900,22 +902,23 @@ def run_seed(a, seed: int, vae, train_x, test_x, log) -> dict:
     return dict(seed=seed, phase1=p1, precond_floor=floor, runs=runs, scores=scores, noise=noise)
 
 
-NOISE_METHODS = ("iwae5", "unbiased")
+NOISE_METHODS = ("iwae5", "unbiased", "mlmc", "sumo")  # the last two: the library's defaults
 NOISE_CHUNK = 64  # single-image estimates per compiled call
 
 
 def noise_averaging(a, ctx: dict, path: Path, log) -> dict:
     """Per method: the spread of the mean of n pooled, per-image-centred single-image decoder
-    gradient estimates at the shared start, against n (cached in ``path``)."""
-    if path.exists():
-        return json.loads(path.read_text())
+    gradient estimates at the shared start, against n (cached in ``path``, per method)."""
+    res = json.loads(path.read_text()) if path.exists() else {}
+    todo = [m for m in a.noise_methods if m not in res]
+    if not todo:
+        return res
     vae, params = ctx["vae"], ctx["start"]["params"]
     n_img, m = min(a.noise_images, a.n_train), a.noise_draws
     x = ctx["train_x"][:n_img]
     idx = np.repeat(np.arange(n_img), m)
     sketch = ctx["sketch_dec"].jax()
-    res = {}
-    for method in NOISE_METHODS:
+    for method in todo:
         if method == "unbiased":  # one lane per call: the plain loop (no queue to fill)
             est = vj.make_unbiased_grad(
                 vae.model,
@@ -923,25 +926,31 @@ def noise_averaging(a, ctx: dict, path: Path, log) -> dict:
                 max_iters=a.max_iters,
                 loop=vj.LoopOptions(num_slots=None),
             )
+        elif method == "mlmc":
+            est = vj.make_mlmc_grad(vae.model, num_particles=5)
+        elif method == "sumo":
+            est = vj.make_sumo_grad(vae.model)
         else:
             est = vj.make_iwae_grad(vae.model, num_particles=5)
 
-        def one(xi, key, est=est):
+        def one(xi, key, est=est, chains=method == "unbiased"):
             g, info = est(params, xi[None], key)
-            tau = info["meeting_time"][0, 0] if "meeting_time" in info else jnp.zeros((), int)
-            return sketch(g["decoder"]), tau
+            tau = info["meeting_time"][0, 0] if chains else jnp.zeros((), int)
+            return sketch(g["decoder"]), tau, info["num_log_joint_evals"]
 
         chunk = jax.jit(jax.vmap(one))
         keys = jax.random.split(jax.random.fold_in(ctx["root"], 1000 + stable_id(method)), idx.size)
         t0 = time.perf_counter()
-        ys, taus = [], []
+        ys, taus, evals = [], [], []
         for c in range(0, idx.size, NOISE_CHUNK):
-            y, tau = chunk(x[idx[c : c + NOISE_CHUNK]], keys[c : c + NOISE_CHUNK])
+            y, tau, ev = chunk(x[idx[c : c + NOISE_CHUNK]], keys[c : c + NOISE_CHUNK])
             ys.append(np.asarray(y, np.float64))
             taus.append(np.asarray(tau))
+            evals.append(np.asarray(ev, np.float64))
         y = np.concatenate(ys).reshape(n_img, m, -1)
         tau = np.concatenate(taus)
         res[method] = noise_spread(y) | dict(
+            evals_per_draw=float(np.mean(np.concatenate(evals))),
             seconds=time.perf_counter() - t0,
             alpha_tau=hill_tail_index(tau) if tau.max() > 0 else float("nan"),
             tau_mean=float(tau.mean()),
@@ -951,7 +960,7 @@ def noise_averaging(a, ctx: dict, path: Path, log) -> dict:
             f"  noise at the start, {method}: spread slope sd {res[method]['slope_sd']:.3f}, "
             f"median {res[method]['slope_median']:.3f} ({res[method]['seconds']:.0f} s)"
         )
-    write_json(path, res)
+        write_json(path, res)  # after each method: an interrupted study keeps the finished ones
     return res
 
 
@@ -1043,12 +1052,16 @@ def noise_rows(seeds: list[dict]) -> list[dict]:
     """Per method: single-draw spreads, slopes of spread on n, tail indices (mean +- SE)."""
     rows = []
     for method in NOISE_METHODS:
-        per = [s["noise"][method] for s in seeds]
+        per = [s["noise"][method] for s in seeds if method in s["noise"]]
+        if not per:
+            continue
         at = mean_se([r["alpha_tau"] for r in per])
         an = mean_se([r["alpha_norm"] for r in per])
         rows.append(
             dict(
                 method=method,
+                seeds=len(per),
+                evals=mean_se([r["evals_per_draw"] for r in per if r.get("evals_per_draw")]),
                 n_max=min(r["n"][-1] for r in per),
                 sd_1=mean_se([r["spread_sd"][0] for r in per]),
                 median_1=mean_se([r["spread_median"][0] for r in per]),
@@ -1170,13 +1183,14 @@ def markdown(a, seeds: list[dict], scores: list[dict], rates: list[dict], noise:
         "spread on log n (-0.5 for finite-variance noise). alpha: Hill tail index (top 5%) of "
         "the meeting times and of the single-draw noise norms.",
         "",
-        "| estimator | sd, n = 1 | median, n = 1 | slope sd | slope median | alpha tau "
-        "| alpha noise | 1/alpha - 1 |",
-        "|" + " --- |" * 8,
+        "| estimator | seeds | evals / draw | sd, n = 1 | median, n = 1 | slope sd | slope median "
+        "| alpha tau | alpha noise | 1/alpha - 1 |",
+        "|" + " --- |" * 10,
     ]
     for r in noise:
         lines.append(
-            f"| {r['method']} | {fmt(*r['sd_1'], 1)} | {fmt(*r['median_1'], 1)} "
+            f"| {r['method']} | {r['seeds']} | {fmt(*r['evals'], 1)} "
+            f"| {fmt(*r['sd_1'], 1)} | {fmt(*r['median_1'], 1)} "
             f"| {fmt(*r['slope_sd'])} | {fmt(*r['slope_median'])} | {fmt(*r['alpha_tau'])} "
             f"| {fmt(*r['alpha_norm'])} | {fmt(r['predicted_norm'], float('nan'))} |"
         )
