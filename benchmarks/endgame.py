@@ -58,11 +58,11 @@ a partial one from its last checkpoint, with the same keys, so the result is the
    run's meeting times and of its gradient norms, and next to -1/2.
    The same question at a fixed point, without the optimizer: at the shared start, ``--noise-draws``
    independent single-image gradient estimates of each of the first ``--noise-images`` images
-   (IWAE-5 and the unbiased estimator), centred per image and pooled in random order (the noise
-   terms a batch or a run of steps adds up), averaged in groups of n = 1, 2, 4, ...: the spread of
-   the group means (its standard deviation, and the median distance, which follows the scale of
-   a stable law where the variance does not) against n, with its slope; finite-variance noise
-   gives -1/2 for both.
+   (IWAE-5, the coupled chains, MLMC, SUMO), each image's draws averaged in groups of
+   n = 1, 2, 4, ... and paired group means of the same image differenced (the image's mean
+   cancels): the spread of a group mean (root mean square, and the median norm, which follows the
+   scale of a stable law where the sample variance does not) against n, with its slope;
+   finite-variance noise gives -1/2 for both, alpha-stable noise 1/alpha - 1 for the median.
 5. Scoring, for the start and each method's final averaged iterate (replicate 0): the training
    objective by AIS (``--ais-steps`` temperatures, ``--ais-chains`` chains, HMC) and by IS
    (``--is-k``; 1000 by default, as 5000 costs a seed ~25 more minutes on this CPU) on every
@@ -948,6 +948,7 @@ def noise_averaging(a, ctx: dict, path: Path, log) -> dict:
             taus.append(np.asarray(tau))
             evals.append(np.asarray(ev, np.float64))
         y = np.concatenate(ys).reshape(n_img, m, -1)
+        np.save(path.with_name(f"noise_{method}.npy"), y.astype(np.float32))  # re-analysable
         tau = np.concatenate(taus)
         res[method] = noise_spread(y) | dict(
             evals_per_draw=float(np.mean(np.concatenate(evals))),
@@ -964,18 +965,24 @@ def noise_averaging(a, ctx: dict, path: Path, log) -> dict:
     return res
 
 
-def noise_spread(y: np.ndarray) -> dict:
-    """y: (images, draws, dim) sketched estimates. Centred per image, pooled in a fixed random
-    order, averaged in groups of n = 1, 2, 4, ... (at least 16 groups): the groups' spread."""
-    c = (y - y.mean(1, keepdims=True)).reshape(-1, y.shape[-1])
-    c = c[np.random.default_rng(0).permutation(c.shape[0])]
+def noise_spread(y: np.ndarray, min_pairs: int = 16) -> dict:
+    """y: (images, draws, dim) sketched estimates. Each image's draws averaged in consecutive
+    groups of n = 1, 2, 4, ..., and the differences of paired group means of the same image
+    (its mean cancels; no centring by a sample mean, which heavy tails would contaminate),
+    pooled over images while there are >= ``min_pairs``: the spread of a group mean is the
+    difference's / sqrt(2), as its root mean square (sd) and its median norm."""
+    n_img, m, dim = y.shape
     ns, sd, med = [], [], []
-    n = 1
-    while c.shape[0] // n >= 16:
-        g = c[: (c.shape[0] // n) * n].reshape(-1, n, c.shape[1]).mean(1)
+    n, diffs1 = 1, None
+    while n_img * ((m // n) // 2) >= min_pairs:
+        k = (m // n) // 2 * 2
+        g = y[:, : k * n].reshape(n_img, k, n, dim).mean(2)
+        d = (g[:, 0::2] - g[:, 1::2]).reshape(-1, dim)
+        norms = np.linalg.norm(d, axis=1) / math.sqrt(2)
+        diffs1 = norms if diffs1 is None else diffs1
         ns.append(n)
-        sd.append(float(np.sqrt(np.sum(np.var(g, 0, ddof=1)))))
-        med.append(float(np.median(np.linalg.norm(g - g.mean(0), axis=1))))
+        sd.append(float(np.sqrt(np.mean(norms**2))))
+        med.append(float(np.median(norms)))
         n *= 2
 
     def slope(v) -> float:
@@ -987,7 +994,7 @@ def noise_spread(y: np.ndarray) -> dict:
         spread_median=med,
         slope_sd=slope(sd),
         slope_median=slope(med),
-        alpha_norm=hill_tail_index(np.linalg.norm(c, axis=1)),
+        alpha_norm=hill_tail_index(diffs1) if diffs1 is not None else float("nan"),
     )
 
 
@@ -1177,11 +1184,12 @@ def markdown(a, seeds: list[dict], scores: list[dict], rates: list[dict], noise:
         "#### Averaging the gradient noise at the shared start",
         "",
         f"{a.noise_draws} single-image decoder-gradient estimates of each of the first "
-        f"{a.noise_images} training images, centred per image, pooled in random order and "
-        f"averaged in groups of n = 1, 2, 4, ..., {noise[0]['n_max'] if noise else '-'}; spread "
-        "of the group means (sketch): standard deviation and median distance; slopes of log "
-        "spread on log n (-0.5 for finite-variance noise). alpha: Hill tail index (top 5%) of "
-        "the meeting times and of the single-draw noise norms.",
+        f"{a.noise_images} training images, averaged per image in groups of n = 1, 2, 4, ..., "
+        f"{noise[0]['n_max'] if noise else '-'}; spread of a group mean from the differences of "
+        "paired group means of the same image (sketch): root mean square and median norm; "
+        "slopes of log spread on log n (-0.5 for finite-variance noise, 1/alpha - 1 for the "
+        "median under alpha-stable noise). alpha: Hill tail index (top 5%) of the meeting "
+        "times and of the single-draw noise norms (differences of two draws).",
         "",
         "| estimator | seeds | evals / draw | sd, n = 1 | median, n = 1 | slope sd | slope median "
         "| alpha tau | alpha noise | 1/alpha - 1 |",
