@@ -1191,8 +1191,8 @@ def markdown(a, seeds: list[dict], scores: list[dict], rates: list[dict], noise:
         "median under alpha-stable noise). alpha: Hill tail index (top 5%) of the meeting "
         "times and of the single-draw noise norms (differences of two draws).",
         "",
-        "| estimator | seeds | evals / draw | sd, n = 1 | median, n = 1 | slope sd | slope median "
-        "| alpha tau | alpha noise | 1/alpha - 1 |",
+        "| estimator | seeds | evals / draw | rms, n = 1 | median, n = 1 | slope rms "
+        "| slope median | alpha tau | alpha noise | 1/alpha - 1 |",
         "|" + " --- |" * 10,
     ]
     for r in noise:
