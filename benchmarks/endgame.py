@@ -907,8 +907,8 @@ NOISE_CHUNK = 64  # single-image estimates per compiled call
 
 
 def noise_averaging(a, ctx: dict, path: Path, log) -> dict:
-    """Per method: the spread of the mean of n pooled, per-image-centred single-image decoder
-    gradient estimates at the shared start, against n (cached in ``path``, per method)."""
+    """Per method: ``noise_spread`` of single-image decoder-gradient estimates at the shared
+    start (cached in ``path``, per method; the raw sketches beside it)."""
     res = json.loads(path.read_text()) if path.exists() else {}
     todo = [m for m in a.noise_methods if m not in res]
     if not todo:
@@ -958,7 +958,7 @@ def noise_averaging(a, ctx: dict, path: Path, log) -> dict:
             tau_max=int(tau.max()),
         )
         log(
-            f"  noise at the start, {method}: spread slope sd {res[method]['slope_sd']:.3f}, "
+            f"  noise at the start, {method}: spread slope rms {res[method]['slope_sd']:.3f}, "
             f"median {res[method]['slope_median']:.3f} ({res[method]['seconds']:.0f} s)"
         )
         write_json(path, res)  # after each method: an interrupted study keeps the finished ones
@@ -970,7 +970,7 @@ def noise_spread(y: np.ndarray, min_pairs: int = 16) -> dict:
     groups of n = 1, 2, 4, ..., and the differences of paired group means of the same image
     (its mean cancels; no centring by a sample mean, which heavy tails would contaminate),
     pooled over images while there are >= ``min_pairs``: the spread of a group mean is the
-    difference's / sqrt(2), as its root mean square (sd) and its median norm."""
+    difference's / sqrt(2), as its root mean square (keys ``*_sd``) and its median norm."""
     n_img, m, dim = y.shape
     ns, sd, med = [], [], []
     n, diffs1 = 1, None
