@@ -244,11 +244,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--ais-adapt-chains", type=int, default=1)
     add("--test-images", type=int, default=500)
     add("--eval-batch", type=int, default=100)
-    a = p.parse_args(argv)
-    if a.quick:
-        for k, v in QUICK.items():
-            if p.get_default(k) == getattr(a, k):  # an explicit option wins over --quick
-                setattr(a, k, v)
+    # argparse fills only the attributes a namespace lacks: a QUICK key still holding the
+    # sentinel after parsing was not given, so an explicit option wins over --quick even when
+    # it equals the default
+    unset = object()
+    a = p.parse_args(argv, namespace=argparse.Namespace(**{k: unset for k in QUICK}))
+    for k, v in QUICK.items():
+        if getattr(a, k) is unset:
+            setattr(a, k, v if a.quick else p.get_default(k))
     if a.weight_decay is None:
         a.weight_decay = 1.0 / a.n_train
     if "iwae_matched" in a.methods and "unbiased" not in a.methods:

@@ -79,6 +79,9 @@ def test_endgame_plan_resolves_the_real_settings(capsys):
     assert '"phase1"' in capsys.readouterr().out
     with pytest.raises(SystemExit):
         endgame.main(["--plan", "--methods", "iwae5", "iwae_matched"])  # needs unbiased
+    # --quick shrinks what is not given; an explicit option wins even when it equals the default
+    q = endgame.parse_args(["--quick", "--steps", "300", "--n-train=1000"])
+    assert (q.steps, q.n_train, q.burn_in) == (300, 1000, endgame.QUICK["burn_in"])
 
 
 def test_noise_spread_finds_the_averaging_exponent():
