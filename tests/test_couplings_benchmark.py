@@ -1,4 +1,5 @@
-"""Smoke test: ``benchmarks/couplings_cost.py --quick`` runs end to end (no timing asserted)."""
+"""Smoke tests: ``benchmarks/couplings_cost.py --quick`` and ``benchmarks/sumo_cost.py --quick``
+run end to end (no timing asserted)."""
 
 import sys
 from pathlib import Path
@@ -18,3 +19,16 @@ def test_couplings_cost_quick_runs(monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "ratio general / fused" in out and "tau mean" in out
     sys.modules.pop("couplings_cost", None)
+
+
+@pytest.mark.slow
+def test_sumo_cost_quick_runs(monkeypatch, capsys):
+    """Both schedules give the same gradient, and the work list never executes more."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import sumo_cost
+
+    (row,) = sumo_cost.main(["--quick"])
+    assert row["worklist"] <= row["batch_max"]
+    assert row["agree"]  # with git: the baseline's gradient; without: trivially
+    assert "evaluations/example worklist" in capsys.readouterr().out
+    sys.modules.pop("sumo_cost", None)

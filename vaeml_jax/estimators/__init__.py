@@ -23,6 +23,7 @@ from vaeml_jax.estimators.mlmc import (
 )
 from vaeml_jax.estimators.sumo import (
     SumoEncoderObjective,
+    SumoInfo,
     make_sumo_grad,
     sumo_expected_num_terms,
     sumo_log_likelihood,
@@ -45,6 +46,7 @@ __all__ = [
     "mlmc_level_probabilities",
     "mlmc_expected_num_draws",
     "MLMCInfo",
+    "SumoInfo",
     "sumo_log_likelihood",
     "sumo_expected_num_terms",
     "jacob_coefficients",

@@ -37,19 +37,22 @@ after reweighting: with the 1/j tail Var[SUMO] grows like Var(w/p) log J_max, an
 geometric part of the tail (weights alpha (1-b)^{-(j-alpha)}); hence the paper trains the encoder
 to minimise Var[SUMO] (``encoder_objective="sumo_variance"``).
 
-Computation (static shapes; the batch runs to its largest m + J). J is drawn first for every
-example; the draws are generated in chunks of ``chunk_size`` (chunk c from ``fold_in(key, c)``).
-Pass 1, a ``lax.while_loop`` over chunks, fills a (B, P_max) buffer of log weights up to the batch's
-largest m + J (rounded up to a chunk). SUMO and every objective are cheap functions of that
-buffer, so their derivatives with respect to each log weight are exact coefficients c_ij
-(``jax.grad`` of the buffer function). Pass 2 re-draws the same chunks and accumulates
-``vjp(c)`` of the log weights, as the coupled estimator does (one forward and one backward pass
-per chunk; a second backward pass, for phi, when an encoder objective is set). All examples run
-to the batch-MAX of m + J, rounded up to a chunk: with the defaults an example USES
-E[m + J] ~ 6.08 draws, but the log_joint evaluations executed per example (both passes,
-``num_log_joint_evals`` / B) average ~22 at B = 1, ~63 at B = 10, ~171 at B = 100 and ~214 at
-B = 512, since the max of B heavy-tailed J's is large. That is the price of independent J per
-example under batch vectorisation.
+Computation: cost that follows each example's own J. J is drawn first for every example; example
+i's draws come in blocks of ``chunk_size`` (block b from ``fold_in(key_i, b)``), and it needs
+n_i = ceil((m + J_i) / chunk_size) of them. The blocks of all examples are laid end to end in one
+work list, run B blocks per step by a ``lax.while_loop``. Pass 1 fills a
+(B, ceil((m + J_max) / chunk_size), chunk_size) buffer of log weights. SUMO and every objective
+are cheap functions of that buffer, so their derivatives with respect to each log weight are
+exact coefficients c_ij (``jax.grad`` of the buffer function). Pass 2 re-draws the same blocks and
+accumulates ``vjp(c)`` of the log weights (one forward and one backward pass per step; a second
+backward pass, for phi, when an encoder objective is set). With the defaults an example USES
+E[m + J] ~ 6.08 draws, 2 (m + J_i) evaluations over both passes (``own_log_joint_evals``); it
+executes 2 chunk_size n_i, and the batch that plus the last step's padding
+(``num_log_joint_evals``, ~32 per example at B >= 20 with the defaults): a batch where one example
+draws J = 100 pays 13 blocks for that example only, not for all. (Running every example
+to the batch's largest m + J instead costs ~171 evaluations per example at B = 100 and ~214 at
+B = 512, since the max of B heavy-tailed J's is large; the work list gives the same draws, hence
+the same estimate, for a fraction of that: ``benchmarks/RESULTS.md``.)
 """
 
 from __future__ import annotations
@@ -63,14 +66,27 @@ import jax
 import jax.numpy as jnp
 
 from vaeml_jax.estimators import _common
-from vaeml_jax.estimators._common import GradientEstimator, LossGradient
+from vaeml_jax.estimators._common import GradientEstimator, GradientInfo, LossGradient
 from vaeml_jax.models.interface import LatentVariableModel, check_batch, check_model
 
-__all__ = ["sumo_log_likelihood", "make_sumo_grad", "sumo_expected_num_terms"]
+__all__ = ["sumo_log_likelihood", "make_sumo_grad", "sumo_expected_num_terms", "SumoInfo"]
 
 SumoEncoderObjective = Literal["sumo_variance", "elbo", "iwae"]
 ENCODER_OBJECTIVES: tuple[str, ...] = get_args(SumoEncoderObjective)
 _MAX_WEIGHT = 1e30  # the largest 1/P(J >= j) allowed (finite in float32, with room)
+
+
+class SumoInfo(GradientInfo):
+    """The :class:`GradientInfo` of :func:`make_sumo_grad`, with one more field.
+
+    Attributes:
+      own_log_joint_evals: (B,) int32, the ``log_joint`` evaluations example i's estimate needs
+        on its own, 2 (m + J_i) (both passes). ``num_log_joint_evals`` - sum(own_log_joint_evals)
+        is the schedule's overhead: each example's last block rounded up to ``chunk_size`` draws,
+        and the padding of the last loop step.
+    """
+
+    own_log_joint_evals: jax.Array
 
 
 @dataclasses.dataclass(frozen=True)
@@ -202,47 +218,55 @@ def _split_keys(keys):
     return split[:, 0], split[:, 1]
 
 
-def _chunk_log_weights(model: LatentVariableModel, p_joint, p_prop, x, key_z, c, chunk: int):
-    """Chunk c of every example's draws z = g_{p_prop}(eps): (log p(x, z), log w), each (B, chunk).
+def _block_log_weights(model: LatentVariableModel, p_joint, p_prop, x, key_z, b, chunk: int):
+    """Block b of one example's draws z = g_{p_prop}(eps): (log p(x, z), log w), each (chunk,).
 
     ``p_joint`` is what log_joint reads, ``p_prop`` what the proposal reads: passing the params
     twice lets one forward pass serve a theta-only and a phi-only backward pass.
     """
-
-    def per_example(xi, key):
-        z = model.sample_proposal(p_prop, xi, jax.random.fold_in(key, c), chunk)
-        lj = jax.vmap(model.log_joint, (None, None, 0))(p_joint, xi, z)
-        lq = jax.vmap(model.log_proposal, (None, None, 0))(p_prop, xi, z)
-        return lj, _common.safe_log_weights(lj, lq)
-
-    return jax.vmap(per_example)(x, key_z)
+    z = model.sample_proposal(p_prop, x, jax.random.fold_in(key_z, b), chunk)
+    lj = jax.vmap(model.log_joint, (None, None, 0))(p_joint, x, z)
+    lq = jax.vmap(model.log_proposal, (None, None, 0))(p_prop, x, z)
+    return lj, _common.safe_log_weights(lj, lq)
 
 
-def _log_weight_dtype(model, params, x, key_z, chunk):
-    out = jax.eval_shape(
-        lambda p, xx, kk: _chunk_log_weights(model, p, p, xx, kk, 0, chunk), params, x, key_z
-    )
-    return out[1].dtype
+class _WorkList:
+    """Every example's blocks laid end to end, B per loop step.
+
+    Example i owns blocks 0 .. n_i - 1 with n_i = ceil((m + J_i) / chunk): step s runs list
+    positions s B .. s B + B - 1, each an (example, block) pair; positions past the end are
+    padding (``valid`` False), evaluated and discarded so that every step has one static shape.
+    """
+
+    def __init__(self, cfg: _Config, num_terms):
+        self.batch = num_terms.shape[0]
+        self.blocks = (cfg.min_terms + num_terms + cfg.chunk_size - 1) // cfg.chunk_size
+        self.ends = jnp.cumsum(self.blocks)
+        self.starts = self.ends - self.blocks
+        self.num_steps = (self.ends[-1] + self.batch - 1) // self.batch
+
+    def positions(self, step):
+        """(example, block, valid), each (B,), of the list positions of loop step ``step``."""
+        p = step * self.batch + jnp.arange(self.batch)
+        e = jnp.minimum(jnp.searchsorted(self.ends, p, side="right"), self.batch - 1)
+        return e, p - self.starts[e], p < self.ends[-1]
 
 
-def _fill_log_weights(model, params, x, key_z, num_chunks, cfg: _Config):
-    """Pass 1: log weights (B, P_max) of the first ``num_chunks`` chunks, -inf after them."""
-    chunk = cfg.chunk_size
-    dtype = _log_weight_dtype(model, params, x, key_z, chunk)
-    buf = jnp.full((x.shape[0], cfg.num_chunks_max * chunk), -jnp.inf, dtype)
+def _fill_log_weights(model, params, x, key_z, work: _WorkList, cfg: _Config):
+    """Pass 1: log weights (B, P_max) of every example's own blocks, -inf after them."""
+    B, chunk = x.shape[0], cfg.chunk_size
+    run = jax.vmap(lambda xe, ke, b: _block_log_weights(model, params, params, xe, ke, b, chunk))
+    dtype = jax.eval_shape(run, x, key_z, jnp.zeros((B,), jnp.int32))[1].dtype
+    buf = jnp.full((B, cfg.num_chunks_max, chunk), -jnp.inf, dtype)
 
     def body(state):
-        c, buf = state
-        _, lw = _chunk_log_weights(model, params, params, x, key_z, c, chunk)
-        return c + 1, jax.lax.dynamic_update_slice(buf, lw.astype(dtype), (0, c * chunk))
+        step, buf = state
+        e, b, valid = work.positions(step)
+        _, lw = run(x[e], key_z[e], b)
+        return step + 1, buf.at[jnp.where(valid, e, B), b].set(lw.astype(dtype), mode="drop")
 
-    _, buf = jax.lax.while_loop(lambda s: s[0] < num_chunks, body, (jnp.int32(0), buf))
-    return buf
-
-
-def _num_chunks(cfg: _Config, num_terms):
-    """Chunks covering the batch's largest m + J."""
-    return (cfg.min_terms + jnp.max(num_terms) + cfg.chunk_size - 1) // cfg.chunk_size
+    _, buf = jax.lax.while_loop(lambda s: s[0] < work.num_steps, body, (jnp.int32(0), buf))
+    return buf.reshape(B, cfg.num_chunks_max * chunk)
 
 
 def sumo_log_likelihood(
@@ -268,7 +292,8 @@ def sumo_log_likelihood(
         unbiased for E IWAE_{m+J_max}, not exactly log p(x) (module docstring).
       tail_start, tail_decay: alpha >= 1 and b in [0, 1) of P(J >= j) (1/j, geometric beyond
         alpha; b = 0 keeps 1/j up to the cap).
-      chunk_size: draws evaluated per loop step (work is rounded up to a multiple of it).
+      chunk_size: draws per block (an example's work is rounded up to whole blocks; B blocks
+        per loop step).
 
     Returns:
       ``(estimates, num_terms)``: SUMO(x_i) (B,) and J_i (B,) int32, the number of Delta terms
@@ -282,7 +307,7 @@ def sumo_log_likelihood(
     keys = _common.lane_keys(_common.as_key(key), x.shape[0], 1)
     key_j, key_z = _split_keys(keys)
     num_terms, _ = jax.vmap(lambda k: _draw_num_terms(k, cfg))(key_j)
-    log_w = _fill_log_weights(model, params, x, key_z, _num_chunks(cfg, num_terms), cfg)
+    log_w = _fill_log_weights(model, params, x, key_z, _WorkList(cfg, num_terms), cfg)
     return _sumo_from_log_weights(log_w, num_terms, cfg), num_terms
 
 
@@ -324,12 +349,13 @@ def make_sumo_grad(
 
     Returns:
       A :class:`GradientEstimator` ``grad_fn(params, x, key) -> (grads, info)``, a
-      :class:`LossGradient`. ``info``, a :class:`GradientInfo`: ``bound``
+      :class:`LossGradient`. ``info``, a :class:`SumoInfo`: ``bound``
       (B,) the SUMO estimate of each example; ``num_iters`` (B, 1) the number J of Delta terms
       used; ``capped`` (B, 1) whether J was cut at ``max_terms``; ``meeting_time`` (B, 1) zeros
-      (no chains); ``num_log_joint_evals`` () the evaluations executed, 2 B n chunk_size for the
-      n chunks covering the batch-max m + J (pass 1 and pass 2, masked draws included);
-      ``ess``, ``log1p_chi2``, ``log_weight_std`` NaN (no fixed number of draws).
+      (no chains); ``num_log_joint_evals`` () the evaluations executed for the batch, 2 B
+      chunk_size per loop step (both passes, the last step's padding included);
+      ``own_log_joint_evals`` (B,) what each example needs, 2 (m + J_i); ``ess``,
+      ``log1p_chi2``, ``log_weight_std`` NaN (no fixed number of draws).
     """
     check_model(model)
     cfg = _check_config(min_terms, max_terms, tail_start, tail_decay, chunk_size)
@@ -360,41 +386,46 @@ def make_sumo_grad(
         B = x.shape[0]
         key_j, key_z = _split_keys(keys)
         num_terms, capped = jax.vmap(lambda k: _draw_num_terms(k, cfg))(key_j)
-        num_chunks = _num_chunks(cfg, num_terms)
-        log_w = _fill_log_weights(model, params, x, key_z, num_chunks, cfg)
+        work = _WorkList(cfg, num_terms)
+        log_w = _fill_log_weights(model, params, x, key_z, work, cfg)
 
         # Exact coefficients d loss / d log w_ij of each objective (zero past each m + J_i).
-        c_theta = jax.grad(lambda lw: objectives(lw, num_terms)[0])(log_w)
+        def per_block(c):
+            return c.reshape(B, cfg.num_chunks_max, chunk)
+
+        c_theta = per_block(jax.grad(lambda lw: objectives(lw, num_terms)[0])(log_w))
         if encoder_objective is not None:
-            c_phi = jax.grad(lambda lw: objectives(lw, num_terms)[1])(log_w)
+            c_phi = per_block(jax.grad(lambda lw: objectives(lw, num_terms)[1])(log_w))
         _, _, sumo = objectives(log_w, num_terms)
         frozen = jax.lax.stop_gradient(params)
 
+        def blocks(pj, pq, e, b):
+            run = jax.vmap(lambda xe, ke, bb: _block_log_weights(model, pj, pq, xe, ke, bb, chunk))
+            return run(x[e], key_z[e], b)
+
         def body(state):
-            c, grads = state
-            ct = jax.lax.dynamic_slice_in_dim(c_theta, c * chunk, chunk, axis=1)
+            step, grads = state
+            e, b, valid = work.positions(step)
+            # padding positions may hold NaN coefficients (all -inf blocks): select, not multiply
+            ct = jnp.where(valid[:, None], c_theta[e, b], 0.0)
             if encoder_objective is None:
-                (lj, _), vjp = jax.vjp(
-                    lambda pj: _chunk_log_weights(model, pj, frozen, x, key_z, c, chunk), params
-                )
+                (lj, _), vjp = jax.vjp(lambda pj: blocks(pj, frozen, e, b), params)
                 (g,) = vjp((ct.astype(lj.dtype), jnp.zeros_like(lj)))
             else:
                 # One forward pass; theta-only and phi-only backward passes (params given twice).
-                (lj, lw), vjp = jax.vjp(
-                    lambda pj, pq: _chunk_log_weights(model, pj, pq, x, key_z, c, chunk),
-                    params,
-                    params,
-                )
-                cp = jax.lax.dynamic_slice_in_dim(c_phi, c * chunk, chunk, axis=1)
+                (lj, lw), vjp = jax.vjp(lambda pj, pq: blocks(pj, pq, e, b), params, params)
+                cp = jnp.where(valid[:, None], c_phi[e, b], 0.0)
                 g_theta, _ = vjp((ct.astype(lj.dtype), jnp.zeros_like(lw)))
                 _, g_phi = vjp((jnp.zeros_like(lj), cp.astype(lw.dtype)))
                 g = jax.tree.map(jnp.add, g_theta, g_phi)
-            return c + 1, jax.tree.map(jnp.add, grads, g)
+            return step + 1, jax.tree.map(jnp.add, grads, g)
 
         zeros = jax.tree.map(jnp.zeros_like, params)
-        _, grads = jax.lax.while_loop(lambda s: s[0] < num_chunks, body, (jnp.int32(0), zeros))
-        evals = 2 * B * chunk * num_chunks
-        info = _common.base_info(B, 1, sumo, evals)
+        _, grads = jax.lax.while_loop(lambda s: s[0] < work.num_steps, body, (jnp.int32(0), zeros))
+        info = SumoInfo(
+            **_common.base_info(B, 1, sumo, 2 * B * chunk * work.num_steps),
+            own_log_joint_evals=(2 * (cfg.min_terms + num_terms)).astype(jnp.int32),
+        )
         info["num_iters"] = num_terms[:, None]
         info["capped"] = capped[:, None]
         return LossGradient(grads, info)
