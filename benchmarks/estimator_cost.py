@@ -28,12 +28,13 @@ of particles S the script times, side by side in one process, interleaved round 
   the library's DEFAULT loop options (``"auto"``: the queue of B/4 slots on CPU, the plain loop
   on accelerators) is timed too, as ``unbiased_slotsdefault``.
 
-Targets (issue 2), checked with per-round paired ratios (median over rounds):
+Targets, checked with per-round paired ratios (median over rounds):
 
 1. iwae / floor <= 1.3;
 2. coupled iter / cis step <= 1.2;
 3. unbiased / ((1 + batch-max num_iters) * floor) <= 1.25;
-4. (issue 11; was a 1.25 stretch goal) unbiased / ((1 + batch-mean num_iters) * floor) <= 2.0
+4. (the work queue's target; was a 1.25 stretch goal)
+   unbiased / ((1 + batch-mean num_iters) * floor) <= 2.0
    (close to the mean, not the max, number of iterations).
 
 Run ``python benchmarks/estimator_cost.py --help``; ``--quick`` is a few-second smoke run.
@@ -82,7 +83,7 @@ LOG_2PI = math.log(2.0 * math.pi)
 TARGET_IWAE = 1.3
 TARGET_COUPLED = 1.2
 TARGET_UNBIASED = 1.25
-TARGET_UNBIASED_MEAN = 2.0  # issue 11: t <= 2.0 (1 + batch-mean num_iters) floors
+TARGET_UNBIASED_MEAN = 2.0  # the work queue's: t <= 2.0 (1 + batch-mean num_iters) floors
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,15 +1,15 @@
 #!/bin/sh
-# Issue 11's accelerator measurements, prepared as ONE call of the `device` tool (not yet run: no
-# device was lent in sessions 5-9). Three steps, each writing its own file under $OUT so that a
+# The work queue's accelerator measurements, prepared as ONE call on a GPU machine (not yet run on
+# one). Three steps, each writing its own file under $OUT so that a
 # step cut by the time limit leaves the earlier ones:
 #   1. unroll_s10.txt: the plain loop with unroll = 1, 2, 4, 8 coupled iterations per while_loop
 #      step against the 25-slot queue, paired per call (queue_variants.py, S = 10);
-#   2. cost.txt / cost.json: the issue-11 targets on the accelerator (estimator_cost.py, S = 5, 10,
+#   2. cost.txt / cost.json: the work queue's cost targets on the accelerator (estimator_cost.py, S = 5, 10,
 #      50: plain loop and the 25-slot queue, trained and at init);
 #   3. cpu16_s50.txt: the same machine's 16 CPU threads (JAX_PLATFORMS=cpu): the library's IWAE-50
-#      gradient / the hand-written floor with and without the one-pass hooks (1.44x in an earlier
-#      session), and the 25-slot queue at S = 50.
-# On an H100 in session 4 the whole estimator_cost run took a few minutes; sized for < 9 minutes.
+#      gradient / the hand-written floor with and without the one-pass hooks (1.44x measured earlier
+#      on that CPU), and the 25-slot queue at S = 50.
+# On an H100 the whole estimator_cost run took a few minutes; sized for < 9 minutes.
 # Run from the repository root with VAEML_DATA_DIR set. With the `device` tool (its image has jax,
 # flax, optax, orbax and chex; the repository's own package goes on PYTHONPATH), once here:
 #   mkdir -p runs/gpu_data/mnist && cp "$VAEML_DATA_DIR"/mnist/train-images-idx3-ubyte.gz runs/gpu_data/mnist/

@@ -1,5 +1,5 @@
 #!/bin/sh
-# Issue 10 part 4b at CPU scale (RESULTS.md, "Longer runs on all of MNIST, CPU scale"): for each
+# Longer runs at CPU scale (RESULTS.md, "Longer runs on all of MNIST, CPU scale"): for each
 # seed, IWAE-5 on all 60,000 MNIST images for 20 epochs (12,000 steps, lr 1e-3), then 3,000 steps
 # from the same parameters and Adam state of IWAE-5 (Adam 3e-4 and 3e-5) and of the unbiased
 # estimator (S = 5, Adam 3e-5); K = 1000 IS on the first 2,000 test images, paired per image.

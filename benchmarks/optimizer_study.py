@@ -1,4 +1,4 @@
-"""Issue 10 part 3, the optimizer: does the unbiased gradient lose to IWAE because of Adam?
+"""The optimizer: does the unbiased gradient lose to IWAE because of Adam?
 
 From one warm-start checkpoint (parameters and Adam state of a ``reproduce.py --preset warm_start``
 warm-start run), each configuration continues training for the same number of training examples
@@ -18,7 +18,7 @@ differences between rows are paired):
 
 Every configuration runs for IWAE-5 (the control) and the unbiased estimator (S = 5, k = m = 0).
 Per step it records the decoder-gradient norm (its tail: max / median) and the update's norm, the
-mechanism the issue names (rare huge gradients inflate Adam's second moment, so the signal barely
+mechanism suspected (rare huge gradients inflate Adam's second moment, so the signal barely
 moves the parameters; under SGD the same spikes become huge jumps). Rows are cached in
 ``<work>/rows.jsonl`` (re-running skips done rows).
 

@@ -1,4 +1,4 @@
-r"""Proposal quality by encoder family and encoder objective (issue 10, part 3).
+r"""Proposal quality by encoder family and encoder objective .
 
 A small MNIST VAE (``--hidden``, ``--latent``) is trained for ``--steps`` Adam steps (lr
 ``--lr``, batch ``--batch``, dynamic binarization, the first ``--train-examples`` training images)

@@ -1,4 +1,4 @@
-r"""Paired per-call timing of variants of the unbiased estimator's work queue (issue 11).
+r"""Paired per-call timing of variants of the unbiased estimator's work queue.
 
 ``estimator_cost.py`` times each estimator against the hand-written IWAE floor; this script
 answers the narrower question "is variant B faster than variant A on the same calls?", which is

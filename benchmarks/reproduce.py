@@ -1,4 +1,4 @@
-r"""Reproduction study (issue 4): five gradient estimators, one architecture, one evaluation.
+r"""Reproduction study: five gradient estimators, one architecture, one evaluation.
 
 Every model is the IWAE paper's one-stochastic-layer VAE (784-200-200-50, tanh, Bernoulli decoder;
 ``vaeml_jax.training.build_vae``) trained by the product itself
@@ -54,7 +54,7 @@ Settings (what each preset runs; flags override single values):
   ``--seeds``): runs resume from their checkpoints and finished runs are reused.
 * ``--quick``: a smoke run (tiny network, 200 examples, one seed, K = 20) that exercises every
   code path in well under a minute of compute after compilation.
-* ``--preset warm_start`` (CPU-sized; issue 10 part 4): does a warm start make the unbiased
+* ``--preset warm_start`` (CPU-sized): does a warm start make the unbiased
   estimator pay off? Per seed, IWAE-5 for ``--warm-epochs`` 30 epochs (3,000 steps at batch 100,
   lr 1e-3) on the first 10,000 MNIST images, trained ONCE (``<out>/mnist/warm_start/seedN``);
   then ``--continue-epochs`` 6 epochs (600 steps, lr 3e-4) of each of iwae S = 5 and 50,
@@ -209,7 +209,7 @@ PRESETS = {
         latent_dim=4,
         checkpoint_every=1,
     ),
-    # Issue 10 part 4: a shared IWAE-5 warm start, then each estimator from the same state.
+    # A shared IWAE-5 warm start, then each estimator from the same state.
     "warm_start": dict(
         datasets=["mnist"],
         max_train_examples=10_000,
@@ -285,7 +285,7 @@ PRESETS = {
         latent_dim=50,
         checkpoint_every=5,
     ),
-    "long_cpu": dict(  # part 4b at the largest scale 2 CPU cores hold in a session or two
+    "long_cpu": dict(  # the longer runs at the largest scale 2 CPU cores hold in a few hours
         datasets=["mnist"],
         max_train_examples=None,
         warm_epochs=20,  # 12,000 IWAE-5 steps
@@ -609,7 +609,7 @@ def markdown(results: dict) -> str:
 
 
 # ------------------------------------------------------------------------------------------------
-# The warm-start presets (issue 10 part 4)
+# The warm-start presets
 # ------------------------------------------------------------------------------------------------
 def warm_config(a, dataset: str, seed: int) -> TrainConfig:
     """The shared warm start of a seed: IWAE-S_w for ``warm_epochs`` epochs, evaluated at its end

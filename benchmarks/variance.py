@@ -1,4 +1,4 @@
-r"""Gradient variance against cost, meeting times and encoder objectives (issue 4).
+r"""Gradient variance against cost, meeting times and encoder objectives.
 
 Four measurements on the IWAE paper's one-layer MNIST VAE (``vaeml_jax.training.build_vae``):
 

@@ -1,6 +1,6 @@
 r"""Variance-reduction options for the unbiased estimator, each measured per log_joint evaluation.
 
-Issue 10, part 3. Same measurement as ``variance.py`` part 2 (its ``trace_cov`` and ``tau_stats``):
+Same measurement as ``variance.py`` part 2 (its ``trace_cov`` and ``tau_stats``):
 R independent calls of each estimator configuration on ONE fixed minibatch (the first
 ``--var-batch`` training images, binarized once with seed 0), the trace of the covariance of the
 decoder gradient tr Cov with its standard error, and the ``log_joint`` evaluations per example:
