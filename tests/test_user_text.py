@@ -46,3 +46,17 @@ def test_the_pattern_catches_what_it_guards():
         assert PATTERN.search(planted), planted
     for fine in ("a known issue", "sessions of training", "tissue 4"):
         assert not PATTERN.search(fine), fine
+
+
+def test_user_text_has_no_control_characters():
+    """A LaTeX command written through a non-raw string (\\rVert, \\frac, \\theta) leaves a control
+    character in the text instead of the command: the rendered maths breaks silently."""
+    control = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+    hits = [
+        f"{p.relative_to(REPO)}:{n}: {line!r:.80}"
+        for p in _user_files()
+        for n, line in enumerate(p.read_text(encoding="utf-8").split("\n"), 1)
+        if control.search(line)
+    ]
+    assert not hits, "\n".join(hits)
+    assert control.search("E\\lVert\\Delta_l\rVert")  # the planted bug this guards against
