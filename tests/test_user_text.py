@@ -5,6 +5,7 @@ the package (docstrings, CLI help) and the notebooks. The lab book ``benchmarks/
 records its own history and is not scanned.
 """
 
+import json
 import re
 from pathlib import Path
 
@@ -48,6 +49,15 @@ def test_the_pattern_catches_what_it_guards():
         assert not PATTERN.search(fine), fine
 
 
+def _text(p: Path) -> str:
+    """The text as written (bytes: read_text would turn a lone carriage return into a newline);
+    a notebook's cell sources, decoded from their JSON escapes."""
+    raw = p.read_bytes().decode("utf-8")
+    if p.suffix != ".ipynb":
+        return raw
+    return "\n".join("".join(c["source"]) for c in json.loads(raw)["cells"])
+
+
 def test_user_text_has_no_control_characters():
     """A LaTeX command written through a non-raw string (\\rVert, \\frac, \\theta) leaves a control
     character in the text instead of the command: the rendered maths breaks silently."""
@@ -55,8 +65,7 @@ def test_user_text_has_no_control_characters():
     hits = [
         f"{p.relative_to(REPO)}:{n}: {line!r:.80}"
         for p in _user_files()
-        # bytes: read_text would turn a lone carriage return into a newline
-        for n, line in enumerate(p.read_bytes().decode("utf-8").split("\n"), 1)
+        for n, line in enumerate(_text(p).split("\n"), 1)
         if control.search(line)
     ]
     assert not hits, "\n".join(hits)
