@@ -73,7 +73,7 @@ a partial one from its last checkpoint, with the same keys, so the result is the
 Output (``--out``): ``settings.json``, ``seed<s>/phase1/``, ``seed<s>/phase2/<method>/rep<r>/``
 (``state.pkl`` checkpoint, ``record.pkl`` when done), ``seed<s>/scores/<model>.json|.npz``,
 ``results.json`` (also ``--json``), ``results.md`` (tables), ``objective_vs_evals.png``,
-``objective_vs_seconds.png``, ``spread_vs_n.png``.
+``objective_vs_seconds.png``, ``spread_vs_n.png``, ``noise_vs_n.png``.
 
 The defaults are sized from a pilot on a 2-core CPU (benchmarks/RESULTS.md, "Endgame"): one seed
 ~80-110 min there (phase 1 <= 20 min at 0.03 s/step; phase 2 ~13 s per step of all runs, IWAE-5
@@ -1225,11 +1225,16 @@ def plots(a, seeds: list[dict], out: Path) -> list[str]:
                 c = s["runs"][method][0]["curve"]
                 x = np.asarray([p[xkey] for p in c], float)
                 x = x / a.n_train if xkey == "evals" else x  # compute: minibatch runs count less
-                y = [p["objective"] for p in c]
+                # seeds sit nats apart: each curve is drawn as its gain over its own start
+                y = np.asarray([p["objective"] for p in c]) - c[0]["objective"]
                 ax.plot(x[1:], y[1:], color=f"C{i}", alpha=0.8, label=method if j == 0 else None)
+        ax.axhline(0.0, color="0.6", lw=0.8)
         ax.set_xscale("log")
         ax.set_xlabel(xlabel)
-        ax.set_ylabel(f"objective, IS K={a.curve_k}, {a.curve_images} images (nats)")
+        ax.set_ylabel(
+            f"objective - start's, IS K={a.curve_k}, {a.curve_images} images\n"
+            f"(nats/image; one line per seed, replicate 0)"
+        )
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
         fig.tight_layout()
@@ -1239,19 +1244,41 @@ def plots(a, seeds: list[dict], out: Path) -> list[str]:
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for i, method in enumerate(a.methods):
         for j, s in enumerate(seeds):
-            n, sp, _ = spreads(s["runs"][method])
-            if n.size:
+            n, sp, kind = spreads(s["runs"][method])
+            # a single run's distance to its own final average falls to 0 by construction:
+            # only the spread across replicates is a rate
+            if n.size and kind == "replicates":
                 ax.plot(n, sp, "o-", ms=3, color=f"C{i}", label=method if j == 0 else None)
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("n (averaged iterates)")
-    ax.set_ylabel("spread of the averaged decoder (sketch)")
+    ax.set_ylabel("spread of the averaged decoder across replicates\n(sketch; one line per seed)")
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "spread_vs_n.png", dpi=110)
     plt.close(fig)
     paths.append(str(out / "spread_vs_n.png"))
+    if any(s.get("noise") for s in seeds):
+        fig, ax = plt.subplots(figsize=(6.5, 4.2))
+        for i, method in enumerate(NOISE_METHODS):
+            for j, s in enumerate(seeds):
+                r = s.get("noise", {}).get(method)
+                if r:
+                    n, med = np.asarray(r["n"], float), np.asarray(r["spread_median"], float)
+                    label = method if j == 0 else None
+                    ax.plot(n, med / med[0], "o-", ms=3, color=f"C{i}", label=label)
+        n_ref = np.asarray([1.0, 64.0])
+        ax.plot(n_ref, n_ref**-0.5, "k--", lw=0.8, label="n^-1/2 (finite variance)")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("n (draws averaged per image)")
+        ax.set_ylabel("median spread of the mean of n draws / at n = 1\n(one line per seed)")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / "noise_vs_n.png", dpi=110)
+        plt.close(fig)
+        paths.append(str(out / "noise_vs_n.png"))
     return paths
 
 
