@@ -261,6 +261,64 @@ def test_variance_objective_lowers_the_variance(setup, sumo_grad, sumo_ll):
     assert after.mean() < 0.25 * before.mean()
 
 
+# --- the same estimate under batching and sharding (the work list mixes examples per step) ---
+
+
+def test_same_estimate_per_example_under_vmap_and_batching(setup):
+    """An example's estimate depends only on its lane key: the batch estimate (one work list) is the
+    mean of the single-example ones, whatever the other examples' J."""
+    model, params, x, _ = setup
+    xb = jnp.tile(x, (3, 1))  # 12 examples, their J's differing
+    est = make_sumo_grad(model, encoder_objective="sumo_variance")
+    keys = _common.lane_keys(jax.random.key(8), xb.shape[0], 1)
+    batch, info = jax.jit(est.with_lane_keys)(params, xb, keys)
+    single = jax.jit(jax.vmap(lambda xi, k: est.with_lane_keys(params, xi[None], k[None])[0]))(
+        xb, keys
+    )
+    assert len(set(np.asarray(info["num_iters"])[:, 0].tolist())) > 1
+    for a, b in zip(jax.tree.leaves(batch), jax.tree.leaves(single), strict=True):
+        np.testing.assert_allclose(a, b.mean(0), rtol=1e-4, atol=1e-5)
+
+
+SHARD_SCRIPT = """
+import json, os
+flags = os.environ.get("XLA_FLAGS", "")
+os.environ["XLA_FLAGS"] = flags + " --xla_force_host_platform_device_count=4"
+import jax, jax.numpy as jnp
+import vaeml_jax as vj
+from vaeml_jax import testing as T, distributed as D
+
+model = T.linear_gaussian_model()
+params = T.linear_gaussian_params(jax.random.key(0))
+x = jax.random.normal(jax.random.key(3), (8, 3))
+est = vj.make_sumo_grad(model)
+g1, i1 = jax.jit(est)(params, x, jax.random.key(5))
+mesh = D.make_mesh(4)
+g, info = jax.jit(D.data_parallel(est, mesh))(
+    D.replicate(params, mesh), D.shard_batch(x, mesh), jax.random.key(5))
+row = {
+    "max_abs_diff": max(float(jnp.max(jnp.abs(a - b)))
+                        for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g1))),
+    "scale": max(float(jnp.max(jnp.abs(b))) for b in jax.tree.leaves(g1)),
+    "same_terms": bool(jnp.all(info["num_iters"] == i1["num_iters"])),
+    "same_own": bool(jnp.all(info["own_log_joint_evals"] == i1["own_log_joint_evals"])),
+}
+print("RESULT" + json.dumps(row))
+"""
+
+
+def test_same_estimate_sharded_over_devices():
+    import os
+
+    import _fast_compile
+
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    row = _fast_compile.run_result_script(SHARD_SCRIPT, env=env, timeout=600)
+    # float32 sums in another order (weights 1/P(J >= j) amplify the round-off)
+    assert row["max_abs_diff"] < 1e-5 * max(1.0, row["scale"]), row
+    assert row["same_terms"] and row["same_own"], row
+
+
 @pytest.mark.parametrize(
     "kwargs, err",
     [
