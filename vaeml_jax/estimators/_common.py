@@ -275,6 +275,30 @@ def encoder_loss_joint(model: LatentVariableModel, params, x, keys, num: int, ob
     return encoder_loss(model, params, x, keys, num, objective, freeze_theta=False)
 
 
+class WorkList:
+    """Every example's blocks of work laid end to end, ``per_step`` list positions per loop step.
+
+    Example i owns blocks 0 .. blocks[i] - 1 (its own cost, not the batch's largest): step s runs
+    list positions s per_step .. (s + 1) per_step - 1, each an (example, block) pair; positions
+    past the end are padding (``valid`` False), evaluated and discarded so that every step has one
+    static shape. Used by MLMC (2^L blocks of n_0 draws) and SUMO (ceil((m + J) / chunk) blocks).
+    """
+
+    def __init__(self, blocks: jax.Array, per_step: int):
+        self.batch = blocks.shape[0]
+        self.per_step = per_step
+        self.blocks = blocks
+        self.ends = jnp.cumsum(blocks)
+        self.starts = self.ends - blocks
+        self.num_steps = (self.ends[-1] + per_step - 1) // per_step
+
+    def positions(self, step):
+        """(example, block, valid), each (per_step,), of loop step ``step``'s list positions."""
+        p = step * self.per_step + jnp.arange(self.per_step)
+        e = jnp.minimum(jnp.searchsorted(self.ends, p, side="right"), self.batch - 1)
+        return e, p - self.starts[e], p < self.ends[-1]
+
+
 def base_info(
     batch_size: int, num_chains: int, bound: jax.Array, num_log_joint_evals: Any, log_weights=None
 ) -> GradientInfo:

@@ -330,20 +330,11 @@ def make_mlmc_grad(
         levels, capped = jax.vmap(lambda k: _draw_level(k, cfg))(key_level)
 
         # The work list: example i's 2^L_i blocks, laid end to end.
-        blocks = jnp.left_shift(jnp.int32(1), levels)
-        ends = jnp.cumsum(blocks)
-        starts = ends - blocks
-        total = ends[-1]
-        num_chunks = (total + chunk - 1) // chunk
+        work = _common.WorkList(jnp.left_shift(jnp.int32(1), levels), chunk)
+        blocks, num_chunks = work.blocks, work.num_steps
 
         frozen = jax.lax.stop_gradient(params)
         feats = jax.vmap(features_fn, (None, 0))(frozen, x)
-
-        def positions(c):
-            p = c * chunk + jnp.arange(chunk)
-            valid = p < total
-            e = jnp.minimum(jnp.searchsorted(ends, p, side="right"), B - 1)
-            return e, p - starts[e], valid
 
         def draws(e, b):
             """The fixed draws of blocks (e, b): z (K, n_0, *latent), log q (K, n_0), x_e."""
@@ -353,7 +344,7 @@ def make_mlmc_grad(
             return jax.lax.stop_gradient(z), jax.lax.stop_gradient(lq), x[e]
 
         def block_log_weights(c):
-            e, b, valid = positions(c)
+            e, b, valid = work.positions(c)
             z, lq, xe = draws(e, b)
             lj = jax.vmap(log_joint_draws, (None, 0, 0))(frozen, xe, z)
             return _common.safe_log_weights(lj, lq), e, b, valid
@@ -376,7 +367,7 @@ def make_mlmc_grad(
         # Pass 2: the same draws, vjp of the coefficients.
         def accumulate(state):
             c, grads = state
-            e, b, valid = positions(c)
+            e, b, valid = work.positions(c)
             z, _, xe = draws(e, b)
             ct = jnp.where(valid[:, None], coef[e, b], 0.0)
 

@@ -230,29 +230,13 @@ def _block_log_weights(model: LatentVariableModel, p_joint, p_prop, x, key_z, b,
     return lj, _common.safe_log_weights(lj, lq)
 
 
-class _WorkList:
-    """Every example's blocks laid end to end, B per loop step.
-
-    Example i owns blocks 0 .. n_i - 1 with n_i = ceil((m + J_i) / chunk): step s runs list
-    positions s B .. s B + B - 1, each an (example, block) pair; positions past the end are
-    padding (``valid`` False), evaluated and discarded so that every step has one static shape.
-    """
-
-    def __init__(self, cfg: _Config, num_terms):
-        self.batch = num_terms.shape[0]
-        self.blocks = (cfg.min_terms + num_terms + cfg.chunk_size - 1) // cfg.chunk_size
-        self.ends = jnp.cumsum(self.blocks)
-        self.starts = self.ends - self.blocks
-        self.num_steps = (self.ends[-1] + self.batch - 1) // self.batch
-
-    def positions(self, step):
-        """(example, block, valid), each (B,), of the list positions of loop step ``step``."""
-        p = step * self.batch + jnp.arange(self.batch)
-        e = jnp.minimum(jnp.searchsorted(self.ends, p, side="right"), self.batch - 1)
-        return e, p - self.starts[e], p < self.ends[-1]
+def _work_list(cfg: _Config, num_terms) -> _common.WorkList:
+    """Example i's ceil((m + J_i) / chunk) blocks of draws, B list positions per loop step."""
+    blocks = (cfg.min_terms + num_terms + cfg.chunk_size - 1) // cfg.chunk_size
+    return _common.WorkList(blocks, num_terms.shape[0])
 
 
-def _fill_log_weights(model, params, x, key_z, work: _WorkList, cfg: _Config):
+def _fill_log_weights(model, params, x, key_z, work: _common.WorkList, cfg: _Config):
     """Pass 1: log weights (B, P_max) of every example's own blocks, -inf after them."""
     B, chunk = x.shape[0], cfg.chunk_size
     run = jax.vmap(lambda xe, ke, b: _block_log_weights(model, params, params, xe, ke, b, chunk))
@@ -307,7 +291,7 @@ def sumo_log_likelihood(
     keys = _common.lane_keys(_common.as_key(key), x.shape[0], 1)
     key_j, key_z = _split_keys(keys)
     num_terms, _ = jax.vmap(lambda k: _draw_num_terms(k, cfg))(key_j)
-    log_w = _fill_log_weights(model, params, x, key_z, _WorkList(cfg, num_terms), cfg)
+    log_w = _fill_log_weights(model, params, x, key_z, _work_list(cfg, num_terms), cfg)
     return _sumo_from_log_weights(log_w, num_terms, cfg), num_terms
 
 
@@ -386,7 +370,7 @@ def make_sumo_grad(
         B = x.shape[0]
         key_j, key_z = _split_keys(keys)
         num_terms, capped = jax.vmap(lambda k: _draw_num_terms(k, cfg))(key_j)
-        work = _WorkList(cfg, num_terms)
+        work = _work_list(cfg, num_terms)
         log_w = _fill_log_weights(model, params, x, key_z, work, cfg)
 
         # Exact coefficients d loss / d log w_ij of each objective (zero past each m + J_i).
