@@ -81,7 +81,7 @@ from vaeml_jax.estimators import (
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _methods(model, iwae_s, unbiased, num_slots=None, mlmc=(), chunk_size=None):
+def _methods(model, iwae_s, unbiased, num_slots=None, mlmc=(), blocks_per_step=None):
     out = [("exact", "-", "-", None), ("elbo", 1, "-", make_elbo_grad(model))]
     out += [(f"iwae-{s}", s, "-", make_iwae_grad(model, num_particles=s)) for s in iwae_s]
     for s, k, m in unbiased:
@@ -95,7 +95,7 @@ def _methods(model, iwae_s, unbiased, num_slots=None, mlmc=(), chunk_size=None):
             rate=rate,
             max_level=lmax,
             estimator=kind,
-            chunk_size=chunk_size,
+            blocks_per_step=blocks_per_step,
         )
         out.append((f"mlmc-{n0} {kind}", n0, "-", est))
     return out
@@ -132,7 +132,7 @@ def _method_notes(args):
             f"n0 2^l draws, the level L has P(L = l) proportional to 2^(-{args.mlmc_rate:g} l), "
             f"capped at {args.mlmc_max_level}; roulette = Y_0 + sum_(l<=L) Delta_l / P(L >= l), "
             "single_term = Y_0 + Delta_L / P(L = l); IWAE encoder objective on the first n0 "
-            "draws; blocks run in chunks of N/4 (evaluations executed, padding included)."
+            "draws; N/4 blocks per loop step (evaluations executed, padding included)."
         )
     if args.matched:
         notes.append(
@@ -216,7 +216,7 @@ def run_ppca(args):
 
     optimizer = optax.sgd(G.robbins_monro(args.ppca_lr))
     rows, curves = [], {}
-    methods = _methods(gt.model, args.iwae_s, args.unbiased, mlmc=args.mlmc, chunk_size=N // 4)
+    methods = _methods(gt.model, args.iwae_s, args.unbiased, mlmc=args.mlmc, blocks_per_step=N // 4)
     for name, s, km, est in _with_matched(methods, gt.model, rows, args):
         est = G.make_exact_grad(gt) if est is None else est
         res, secs = _run_method(
@@ -386,7 +386,7 @@ def run_lfa(args):
         args.unbiased,
         num_slots=x.shape[0] // 4,
         mlmc=args.mlmc,
-        chunk_size=x.shape[0] // 4,
+        blocks_per_step=x.shape[0] // 4,
     )
     for name, s, km, est in _with_matched(methods, gt.model, rows, args):
         res, secs = _run_method(
@@ -493,7 +493,7 @@ def run_deep(args):
         args.unbiased,
         num_slots=x.shape[0] // 4,
         mlmc=args.mlmc,
-        chunk_size=x.shape[0] // 4,
+        blocks_per_step=x.shape[0] // 4,
     )
     n_rec = args.deep_steps // args.record_every_deep
     i90 = n_rec - 1 - max(1, n_rec // 10)  # the record 10% of the steps before the end
@@ -812,6 +812,15 @@ def main(argv=None):
     ap.add_argument("--plots", default=str(REPO / "benchmarks" / "plots"))
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
+    on_mnist = [m for m in args.models if m != "ppca"]
+    if on_mnist:  # fail before the pPCA runs, not after them
+        from vaeml_jax.data import DataError, load_dataset
+
+        try:
+            load_dataset("binarized_mnist", args.data_dir)
+        except DataError as e:
+            models = " ".join(on_mnist)
+            ap.exit(2, f"ground_truth.py: --models {models} read binarized MNIST: {e}\n")
     if args.quick:
         args.seeds = args.seeds[:2]
         args.iwae_s, args.unbiased = [2], ["5:0:0"]
