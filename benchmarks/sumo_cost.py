@@ -3,11 +3,11 @@ r"""Cost of the SUMO gradient: each example's own draws (work list) against the 
 SUMO draws an independent number J of terms per example; an example uses m + J draws. Two
 schedules evaluate them, with the SAME draws (same keys, same J), hence the same estimate:
 
-* ``worklist`` (the library's ``make_sumo_grad``): every example's blocks of ``chunk_size`` draws
-  laid end to end, B blocks per loop step: example i executes 2 chunk ceil((m + J_i) / chunk)
+* ``worklist`` (the library's ``make_sumo_grad``): every example's blocks of ``block_size`` draws
+  laid end to end, B blocks per loop step: example i executes 2 b ceil((m + J_i) / b)
   evaluations (both passes), the batch that plus the last step's padding;
 * ``batch_max`` (the library before the work list, loaded from git revision ``--baseline-rev``):
-  every example runs to the batch's largest m + J, rounded up to a chunk.
+  every example runs to the batch's largest m + J, rounded up to a block.
 
 Model: the paper's MNIST MLP, ``vaeml_jax.models.VAE(VAEConfig())`` (784-200-200-50) at its
 initialisation (the law of J does not depend on the parameters; the time per evaluation does not
@@ -19,7 +19,7 @@ that the two gradients agree.
 
 Run: ``PYTHONPATH=. python benchmarks/sumo_cost.py`` (``--quick`` for a smoke run).
 Without git or the baseline revision the batch-max schedule's cost is computed from the same J
-draws in closed form (2 B chunk ceil((m + max J) / chunk)) and no time ratio is reported.
+draws in closed form (2 B b ceil((m + max J) / b)) and no time ratio is reported.
 """
 
 from __future__ import annotations
@@ -94,7 +94,7 @@ def main(argv=None):
         f"machine: {platform.machine()} {platform.processor() or ''} cpus={os.cpu_count()} "
         f"jax {jax.__version__} backend={jax.default_backend()}"
     )
-    print(f"model: VAE({'quick' if args.quick else 'VAEConfig()'}), SUMO defaults (m = 1, chunk 8)")
+    print(f"model: VAE({'quick' if args.quick else 'VAEConfig()'}), SUMO defaults (m = 1, block 8)")
     if baseline is None:
         print(f"batch_max: not timed: {why}; its evaluations from the closed form")
     rows = []

@@ -218,9 +218,11 @@ def _reference(model, params, x, keys, cfg, encoder_objective):
 
 
 @pytest.mark.parametrize(
-    "estimator, chunk_size", [("single_term", 3), ("roulette", None)], ids=["single", "roulette"]
+    "estimator, blocks_per_step",
+    [("single_term", 3), ("roulette", None)],
+    ids=["single", "roulette"],
 )
-def test_matches_slow_reference(estimator, chunk_size):
+def test_matches_slow_reference(estimator, blocks_per_step):
     model, params, _ = toy(quality=QUALITY)
     x = jax.random.normal(jax.random.key(3), (12, 3))
     est = make_mlmc_grad(
@@ -230,7 +232,7 @@ def test_matches_slow_reference(estimator, chunk_size):
         rate=1.2,
         estimator=estimator,
         encoder_objective="inclusive_kl",
-        chunk_size=chunk_size,
+        blocks_per_step=blocks_per_step,
     )
     keys = _common.lane_keys(jax.random.key(4), x.shape[0], 1)
     grads, info = _fast_compile.fast_jit(est.with_lane_keys)(params, x, keys)
@@ -271,7 +273,7 @@ def test_cost_follows_each_examples_level_info_and_cap():
     model, params, _ = toy(quality=QUALITY)
     B, chunk, lmax = 128, 8, 4
     x = jax.random.normal(jax.random.key(3), (B, 3))
-    est = make_mlmc_grad(model, num_particles=N0, max_level=lmax, chunk_size=chunk)
+    est = make_mlmc_grad(model, num_particles=N0, max_level=lmax, blocks_per_step=chunk)
     grads, info = _fast_compile.fast_jit(est)(params, x, jax.random.key(5))
     levels = np.asarray(info["num_iters"][:, 0])
     capped = np.asarray(info["capped"][:, 0])
@@ -359,7 +361,7 @@ def test_same_estimate_sharded_over_devices():
         (dict(max_level=30), ValueError),  # the buffer n_0 2^30 would not fit
         (dict(estimator="single"), ValueError),
         (dict(encoder_objective="sumo_variance"), ValueError),
-        (dict(chunk_size=0), ValueError),
+        (dict(blocks_per_step=0), ValueError),
         (dict(encoder_particles=0), ValueError),
         (dict(encoder_particles=4, encoder_objective="inclusive_kl"), ValueError),
     ],

@@ -156,9 +156,9 @@ def _reference_grads(model, params, x, key, cfg):
 
     def draws(p):
         def per(xi, k):
-            chunks = jnp.arange(cfg.num_chunks_max)
+            chunks = jnp.arange(cfg.max_blocks)
             zs = jax.vmap(
-                lambda c: model.sample_proposal(p, xi, jax.random.fold_in(k, c), cfg.chunk_size)
+                lambda c: model.sample_proposal(p, xi, jax.random.fold_in(k, c), cfg.block_size)
             )(chunks)
             return zs.reshape((-1,) + zs.shape[2:])
 
@@ -278,6 +278,15 @@ def test_same_estimate_per_example_under_vmap_and_batching(setup):
     assert len(set(np.asarray(info["num_iters"])[:, 0].tolist())) > 1
     for a, b in zip(jax.tree.leaves(batch), jax.tree.leaves(single), strict=True):
         np.testing.assert_allclose(a, b.mean(0), rtol=1e-4, atol=1e-5)
+    # Fewer blocks per loop step: the same work list in more steps, the same estimate, and the
+    # executed evaluations 2 x blocks_per_step x block_size per step (less padding).
+    small = make_sumo_grad(model, encoder_objective="sumo_variance", blocks_per_step=3)
+    batch3, info3 = jax.jit(small.with_lane_keys)(params, xb, keys)
+    for a, b in zip(jax.tree.leaves(batch3), jax.tree.leaves(batch), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    own_blocks = int(np.sum(-(-(1 + np.asarray(info["num_iters"])[:, 0]) // 8)))
+    assert int(info3["num_log_joint_evals"]) == 2 * 3 * 8 * -(-own_blocks // 3)
+    assert int(info["num_log_joint_evals"]) == 2 * 12 * 8 * -(-own_blocks // 12)
 
 
 SHARD_SCRIPT = """
@@ -330,7 +339,9 @@ def test_same_estimate_sharded_over_devices():
         (dict(tail_decay=1.0), ValueError),
         (dict(tail_decay=-0.1), ValueError),
         (dict(tail_decay="0.1"), TypeError),
-        (dict(chunk_size=0), ValueError),
+        (dict(block_size=0), ValueError),
+        (dict(blocks_per_step=0), ValueError),
+        (dict(blocks_per_step=2.0), TypeError),
         (dict(max_terms=2000), ValueError),  # 1/P(J >= 2000) overflows
         (dict(encoder_objective="inclusive_kl"), ValueError),
     ],

@@ -47,14 +47,14 @@ rarely an example is capped; ``info["capped"]`` reports the examples whose L exc
 
 Computation: cost that follows each example's own level. Levels are drawn first; each example's
 2^L blocks of n_0 draws (block b of example i from ``fold_in(key_i, b)``) are laid end to end in
-one work list, run in chunks of ``chunk_size`` blocks by a ``lax.while_loop`` (pass 1: log weights
-into a (B, 2^{L_max}, n_0) buffer). The estimate is linear in \nabla_\theta \log p(x_i, z_{ij})
-with coefficients c_{ij} that are functions of the log weights alone (the combination of softmaxes
-above), so pass 2 re-draws the same chunks and accumulates ``vjp(c)``, as SUMO's estimator does.
-A batch where one example draws level 10 pays 1,024 n_0 draws for that example only, not for all:
-the executed evaluations are 2 n_0 (\sum_i 2^{L_i} + the last chunk's padding), reported in
-``info["num_log_joint_evals"]`` beside each example's own share
-(``info["own_log_joint_evals"]``).
+one work list, run ``blocks_per_step`` blocks per step (default B) by a ``lax.while_loop``
+(pass 1: log weights into a (B, 2^{L_max}, n_0) buffer). The estimate is linear in
+\nabla_\theta \log p(x_i, z_{ij}) with coefficients c_{ij} that are functions of the log weights
+alone (the combination of softmaxes above), so pass 2 re-draws the same blocks and accumulates
+``vjp(c)``, as SUMO's estimator does. A batch where one example draws level 10 pays 1,024 n_0
+draws for that example only, not for all: the executed evaluations are
+2 n_0 (\sum_i 2^{L_i} + the last step's padding), reported in ``info["num_log_joint_evals"]``
+beside each example's own share (``info["own_log_joint_evals"]``).
 """
 
 from __future__ import annotations
@@ -96,7 +96,7 @@ class MLMCInfo(GradientInfo):
     Attributes:
       own_log_joint_evals: (B,) int32, the ``log_joint`` evaluations example i's estimate needs
         on its own, 2 n_0 2^{L_i} (both passes; + K for a reparameterised encoder objective).
-        ``num_log_joint_evals`` - sum(own_log_joint_evals) is the padding of the last chunk.
+        ``num_log_joint_evals`` - sum(own_log_joint_evals) is the padding of the last loop step.
     """
 
     own_log_joint_evals: jax.Array
@@ -241,7 +241,7 @@ def make_mlmc_grad(
     estimator: MLMCEstimator = "roulette",
     encoder_objective: MLMCEncoderObjective | None = "iwae",
     encoder_particles: int | None = None,
-    chunk_size: int | None = None,
+    blocks_per_step: int | None = None,
 ) -> GradientEstimator:
     r"""The MLMC-debiased IWAE gradient (Shi & Cornish, AISTATS 2021) behind the common interface.
 
@@ -287,8 +287,9 @@ def make_mlmc_grad(
       encoder_particles: K >= 1 particles of a reparameterised encoder objective. None (default)
         reuses each example's first n_0 draws (same keys); another K draws K of its own from
         independent keys. Either way B K evaluations, counted.
-      chunk_size: blocks of n_0 draws per loop step (default None: the batch size B, so a batch
-        at level 0 takes one step). Smaller: less padding, more sequential steps.
+      blocks_per_step: blocks of n_0 draws evaluated at once per loop step (default None: the
+        batch size B, so a batch at level 0 takes one step). Smaller: less padding, more
+        sequential steps. The estimate does not depend on it.
 
     Returns:
       A :class:`GradientEstimator` ``grad_fn(params, x, key) -> (grads, info)``, a
@@ -296,7 +297,7 @@ def make_mlmc_grad(
       (B,) the IWAE-n_0 bound of each example's first n_0 draws (a monitor); ``num_iters`` (B, 1)
       the level min(L_i, L_max); ``capped`` (B, 1) whether L_i exceeded ``max_level``;
       ``meeting_time`` (B, 1) zeros (no chains); ``num_log_joint_evals`` () the evaluations
-      executed for the batch (both passes, the last chunk's padding included, + B K for a
+      executed for the batch (both passes, the last step's padding included, + B K for a
       reparameterised encoder objective); ``own_log_joint_evals`` (B,) each example's own share
       (2 n_0 2^{L_i}, + K for a reparameterised encoder objective), so that executed - sum(own)
       is the padding; ``ess``, ``log1p_chi2``, ``log_weight_std`` of the first n_0 draws.
@@ -312,8 +313,8 @@ def make_mlmc_grad(
             f"encoder_objective must be one of {ENCODER_OBJECTIVES} or None for MLMC, "
             f"got {encoder_objective!r}."
         )
-    if chunk_size is not None:
-        chunk_size = _common.check_int("chunk_size", chunk_size, 1)
+    if blocks_per_step is not None:
+        blocks_per_step = _common.check_int("blocks_per_step", blocks_per_step, 1)
     n0 = cfg.num_particles
     K, own_draws = _common.check_encoder_particles(encoder_particles, encoder_objective, n0)
     inclusive = encoder_objective == "inclusive_kl"
@@ -324,14 +325,14 @@ def make_mlmc_grad(
 
     def grad_fn(params: Any, x: jax.Array, keys: jax.Array) -> LossGradient:
         B = x.shape[0]
-        chunk = B if chunk_size is None else chunk_size
+        per_step = B if blocks_per_step is None else blocks_per_step
         split = jax.vmap(lambda k: jax.random.split(k, 2))(keys[:, 0])
         key_level, key_z = split[:, 0], split[:, 1]
         levels, capped = jax.vmap(lambda k: _draw_level(k, cfg))(key_level)
 
         # The work list: example i's 2^L_i blocks, laid end to end.
-        work = _common.WorkList(jnp.left_shift(jnp.int32(1), levels), chunk)
-        blocks, num_chunks = work.blocks, work.num_steps
+        work = _common.WorkList(jnp.left_shift(jnp.int32(1), levels), per_step)
+        blocks, num_steps = work.blocks, work.num_steps
 
         frozen = jax.lax.stop_gradient(params)
         feats = jax.vmap(features_fn, (None, 0))(frozen, x)
@@ -359,7 +360,7 @@ def make_mlmc_grad(
             buf = buf.at[jnp.where(valid, e, B), b].set(lw, mode="drop")
             return c + 1, buf
 
-        _, buf = jax.lax.while_loop(lambda s: s[0] < num_chunks, fill, (jnp.int32(0), buf))
+        _, buf = jax.lax.while_loop(lambda s: s[0] < num_steps, fill, (jnp.int32(0), buf))
         log_w = buf.reshape(B, cfg.max_blocks * n0)
         coef = _coefficients(log_w, levels, cfg).reshape(B, cfg.max_blocks, n0)
         coef = jax.lax.stop_gradient(-coef / B)  # d loss / d log p(x_i, z_ij)
@@ -383,13 +384,11 @@ def make_mlmc_grad(
             return c + 1, jax.tree.map(jnp.add, grads, g)
 
         zeros = jax.tree.map(jnp.zeros_like, params)
-        _, grads = jax.lax.while_loop(
-            lambda s: s[0] < num_chunks, accumulate, (jnp.int32(0), zeros)
-        )
+        _, grads = jax.lax.while_loop(lambda s: s[0] < num_steps, accumulate, (jnp.int32(0), zeros))
 
         base_lw = jax.lax.stop_gradient(buf[:, 0, :])
         own = 2 * n0 * blocks
-        evals = 2 * n0 * chunk * num_chunks
+        evals = 2 * n0 * per_step * num_steps
         if reparam:  # the first n_0 draws again, reparameterised (same keys as block 0)
             assert encoder_objective is not None  # reparam implies it
             keys0 = jax.vmap(jax.random.fold_in)(key_z, jnp.zeros((B,), jnp.int32))[:, None]

@@ -38,18 +38,18 @@ geometric part of the tail (weights alpha (1-b)^{-(j-alpha)}); hence the paper t
 to minimise Var[SUMO] (``encoder_objective="sumo_variance"``).
 
 Computation: cost that follows each example's own J. J is drawn first for every example; example
-i's draws come in blocks of ``chunk_size`` (block b from ``fold_in(key_i, b)``), and it needs
-n_i = ceil((m + J_i) / chunk_size) of them. The blocks of all examples are laid end to end in one
-work list, run B blocks per step by a ``lax.while_loop``. Pass 1 fills a
-(B, ceil((m + J_max) / chunk_size), chunk_size) buffer of log weights. SUMO and every objective
-are cheap functions of that buffer, so their derivatives with respect to each log weight are
-exact coefficients c_ij (``jax.grad`` of the buffer function). Pass 2 re-draws the same blocks and
-accumulates ``vjp(c)`` of the log weights (one forward and one backward pass per step; a second
-backward pass, for phi, when an encoder objective is set). With the defaults an example USES
-E[m + J] ~ 6.08 draws, 2 (m + J_i) evaluations over both passes (``own_log_joint_evals``); it
-executes 2 chunk_size n_i, and the batch that plus the last step's padding
-(``num_log_joint_evals``, ~32 per example at B >= 20 with the defaults): a batch where one example
-draws J = 100 pays 13 blocks for that example only, not for all. (Running every example
+i's draws come in blocks of ``block_size`` (block b from ``fold_in(key_i, b)``), and it needs
+n_i = ceil((m + J_i) / block_size) of them. The blocks of all examples are laid end to end in one
+work list, run ``blocks_per_step`` blocks per step (default B) by a ``lax.while_loop``. Pass 1
+fills a (B, ceil((m + J_max) / block_size), block_size) buffer of log weights. SUMO and every
+objective are cheap functions of that buffer, so their derivatives with respect to each log
+weight are exact coefficients c_ij (``jax.grad`` of the buffer function). Pass 2 re-draws the
+same blocks and accumulates ``vjp(c)`` of the log weights (one forward and one backward pass per
+step; a second backward pass, for phi, when an encoder objective is set). With the defaults an
+example USES E[m + J] ~ 6.08 draws, 2 (m + J_i) evaluations over both passes
+(``own_log_joint_evals``); it executes 2 block_size n_i, and the batch that plus the last step's
+padding (``num_log_joint_evals``, ~32 per example at B >= 20 with the defaults): a batch where one
+example draws J = 100 pays 13 blocks for that example only, not for all. (Running every example
 to the batch's largest m + J instead costs ~171 evaluations per example at B = 100 and ~214 at
 B = 512, since the max of B heavy-tailed J's is large; the work list gives the same draws, hence
 the same estimate, for a fraction of that: ``benchmarks/RESULTS.md``.)
@@ -82,7 +82,7 @@ class SumoInfo(GradientInfo):
     Attributes:
       own_log_joint_evals: (B,) int32, the ``log_joint`` evaluations example i's estimate needs
         on its own, 2 (m + J_i) (both passes). ``num_log_joint_evals`` - sum(own_log_joint_evals)
-        is the schedule's overhead: each example's last block rounded up to ``chunk_size`` draws,
+        is the schedule's overhead: each example's last block rounded up to ``block_size`` draws,
         and the padding of the last loop step.
     """
 
@@ -95,14 +95,17 @@ class _Config:
     max_terms: int
     tail_start: int
     tail_decay: float
-    chunk_size: int
+    block_size: int
+    blocks_per_step: int | None
 
     @property
-    def num_chunks_max(self) -> int:
-        return -(-(self.min_terms + self.max_terms) // self.chunk_size)
+    def max_blocks(self) -> int:
+        return -(-(self.min_terms + self.max_terms) // self.block_size)
 
 
-def _check_config(min_terms, max_terms, tail_start, tail_decay, chunk_size) -> _Config:
+def _check_config(
+    min_terms, max_terms, tail_start, tail_decay, block_size, blocks_per_step=None
+) -> _Config:
     m = _common.check_int("min_terms", min_terms, 1, " (IWAE_m needs at least one draw)")
     j_max = _common.check_int("max_terms", max_terms, 1)
     alpha = _common.check_int("tail_start", tail_start, 1)
@@ -114,8 +117,10 @@ def _check_config(min_terms, max_terms, tail_start, tail_decay, chunk_size) -> _
             "tail_decay must be in [0, 1) (0 keeps the 1/j tail; b > 0 makes P(J >= j) decay "
             f"like (1-b)^j beyond tail_start), got {tail_decay}."
         )
-    chunk = _common.check_int("chunk_size", chunk_size, 1)
-    cfg = _Config(m, j_max, alpha, b, chunk)
+    size = _common.check_int("block_size", block_size, 1)
+    if blocks_per_step is not None:
+        blocks_per_step = _common.check_int("blocks_per_step", blocks_per_step, 1)
+    cfg = _Config(m, j_max, alpha, b, size, blocks_per_step)
     w_max = _inverse_tail_py(j_max, cfg)
     if not w_max <= _MAX_WEIGHT:
         raise ValueError(
@@ -183,16 +188,16 @@ def _tril_logsumexp(a, strict: bool = False):
     return jax.nn.logsumexp(jnp.where(mask, a[..., None, :], -jnp.inf), axis=-1)
 
 
-def _cumlogsumexp(log_w, chunk: int):
-    """Cumulative logsumexp of (B, n * chunk), exact in every prefix (each has its own maximum).
+def _cumlogsumexp(log_w, size: int):
+    """Cumulative logsumexp of (B, n * size), exact in every prefix (each has its own maximum).
 
-    Within each chunk, then across chunk totals: O(B (P chunk + n^2)) work, and far cheaper to
+    Within each block, then across block totals: O(B (P size + n^2)) work, and far cheaper to
     compile on CPU than ``lax.cumlogsumexp``'s gradient.
     """
     B, P = log_w.shape
-    blocks = log_w.reshape(B, P // chunk, chunk)
-    within = _tril_logsumexp(blocks)  # (B, n, chunk)
-    before = _tril_logsumexp(within[..., -1], strict=True)  # (B, n): the chunks before, -inf first
+    blocks = log_w.reshape(B, P // size, size)
+    within = _tril_logsumexp(blocks)  # (B, n, size)
+    before = _tril_logsumexp(within[..., -1], strict=True)  # (B, n): the blocks before, -inf first
     return jnp.logaddexp(before[..., None], within).reshape(B, P)
 
 
@@ -204,7 +209,7 @@ def _sumo_from_log_weights(log_w, num_terms, cfg: _Config):
     P = log_w.shape[-1]
     m = cfg.min_terms
     k = jnp.arange(1, P + 1, dtype=log_w.dtype)
-    iwae = _cumlogsumexp(log_w, cfg.chunk_size) - jnp.log(k)  # IWAE_k, k = 1..P
+    iwae = _cumlogsumexp(log_w, cfg.block_size) - jnp.log(k)  # IWAE_k, k = 1..P
     deltas = iwae[:, m:] - iwae[:, m - 1 : -1]  # Delta_{m+j-1}, j = 1..P-m
     j = jnp.arange(1, P - m + 1)
     used = j[None, :] <= num_terms[:, None]
@@ -218,30 +223,32 @@ def _split_keys(keys):
     return split[:, 0], split[:, 1]
 
 
-def _block_log_weights(model: LatentVariableModel, p_joint, p_prop, x, key_z, b, chunk: int):
-    """Block b of one example's draws z = g_{p_prop}(eps): (log p(x, z), log w), each (chunk,).
+def _block_log_weights(model: LatentVariableModel, p_joint, p_prop, x, key_z, b, size: int):
+    """Block b of one example's draws z = g_{p_prop}(eps): (log p(x, z), log w), each (size,).
 
     ``p_joint`` is what log_joint reads, ``p_prop`` what the proposal reads: passing the params
     twice lets one forward pass serve a theta-only and a phi-only backward pass.
     """
-    z = model.sample_proposal(p_prop, x, jax.random.fold_in(key_z, b), chunk)
+    z = model.sample_proposal(p_prop, x, jax.random.fold_in(key_z, b), size)
     lj = jax.vmap(model.log_joint, (None, None, 0))(p_joint, x, z)
     lq = jax.vmap(model.log_proposal, (None, None, 0))(p_prop, x, z)
     return lj, _common.safe_log_weights(lj, lq)
 
 
 def _work_list(cfg: _Config, num_terms) -> _common.WorkList:
-    """Example i's ceil((m + J_i) / chunk) blocks of draws, B list positions per loop step."""
-    blocks = (cfg.min_terms + num_terms + cfg.chunk_size - 1) // cfg.chunk_size
-    return _common.WorkList(blocks, num_terms.shape[0])
+    """Example i's ceil((m + J_i) / block_size) blocks of draws, ``blocks_per_step`` (default B)
+    list positions per loop step."""
+    blocks = (cfg.min_terms + num_terms + cfg.block_size - 1) // cfg.block_size
+    per_step = num_terms.shape[0] if cfg.blocks_per_step is None else cfg.blocks_per_step
+    return _common.WorkList(blocks, per_step)
 
 
 def _fill_log_weights(model, params, x, key_z, work: _common.WorkList, cfg: _Config):
     """Pass 1: log weights (B, P_max) of every example's own blocks, -inf after them."""
-    B, chunk = x.shape[0], cfg.chunk_size
-    run = jax.vmap(lambda xe, ke, b: _block_log_weights(model, params, params, xe, ke, b, chunk))
+    B, size = x.shape[0], cfg.block_size
+    run = jax.vmap(lambda xe, ke, b: _block_log_weights(model, params, params, xe, ke, b, size))
     dtype = jax.eval_shape(run, x, key_z, jnp.zeros((B,), jnp.int32))[1].dtype
-    buf = jnp.full((B, cfg.num_chunks_max, chunk), -jnp.inf, dtype)
+    buf = jnp.full((B, cfg.max_blocks, size), -jnp.inf, dtype)
 
     def body(state):
         step, buf = state
@@ -250,7 +257,7 @@ def _fill_log_weights(model, params, x, key_z, work: _common.WorkList, cfg: _Con
         return step + 1, buf.at[jnp.where(valid, e, B), b].set(lw.astype(dtype), mode="drop")
 
     _, buf = jax.lax.while_loop(lambda s: s[0] < work.num_steps, body, (jnp.int32(0), buf))
-    return buf.reshape(B, cfg.num_chunks_max * chunk)
+    return buf.reshape(B, cfg.max_blocks * size)
 
 
 def sumo_log_likelihood(
@@ -263,7 +270,8 @@ def sumo_log_likelihood(
     max_terms: int = 128,
     tail_start: int = 80,
     tail_decay: float = 0.1,
-    chunk_size: int = 8,
+    block_size: int = 8,
+    blocks_per_step: int | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     r"""SUMO estimates of log p(x_i) for a batch x (B, ...), independent randomness per example.
 
@@ -276,8 +284,10 @@ def sumo_log_likelihood(
         unbiased for E IWAE_{m+J_max}, not exactly log p(x) (module docstring).
       tail_start, tail_decay: alpha >= 1 and b in [0, 1) of P(J >= j) (1/j, geometric beyond
         alpha; b = 0 keeps 1/j up to the cap).
-      chunk_size: draws per block (an example's work is rounded up to whole blocks; B blocks
-        per loop step).
+      block_size: draws per block (an example's work is rounded up to whole blocks).
+      blocks_per_step: blocks evaluated at once per loop step (default None: the batch size B).
+        Smaller: less padding in the last step, more sequential steps; memory ~ blocks_per_step
+        block_size latents. The estimate does not depend on it (nor on ``block_size``'s padding).
 
     Returns:
       ``(estimates, num_terms)``: SUMO(x_i) (B,) and J_i (B,) int32, the number of Delta terms
@@ -286,7 +296,7 @@ def sumo_log_likelihood(
     Pure and jit-able once the keyword arguments are fixed (e.g. with ``functools.partial``).
     """
     check_model(model)
-    cfg = _check_config(min_terms, max_terms, tail_start, tail_decay, chunk_size)
+    cfg = _check_config(min_terms, max_terms, tail_start, tail_decay, block_size, blocks_per_step)
     check_batch(model, params, x)
     keys = _common.lane_keys(_common.as_key(key), x.shape[0], 1)
     key_j, key_z = _split_keys(keys)
@@ -302,7 +312,8 @@ def make_sumo_grad(
     max_terms: int = 128,
     tail_start: int = 80,
     tail_decay: float = 0.1,
-    chunk_size: int = 8,
+    block_size: int = 8,
+    blocks_per_step: int | None = None,
     encoder_objective: SumoEncoderObjective | None = "sumo_variance",
 ) -> GradientEstimator:
     r"""The SUMO gradient estimator behind the common interface.
@@ -327,7 +338,7 @@ def make_sumo_grad(
 
     Args:
       model: a :class:`LatentVariableModel` (the only positional argument).
-      min_terms, max_terms, tail_start, tail_decay, chunk_size: as in
+      min_terms, max_terms, tail_start, tail_decay, block_size, blocks_per_step: as in
         :func:`sumo_log_likelihood`.
       encoder_objective: ``"sumo_variance"``, ``"elbo"``, ``"iwae"`` or None.
 
@@ -336,15 +347,15 @@ def make_sumo_grad(
       :class:`LossGradient`. ``info``, a :class:`SumoInfo`: ``bound``
       (B,) the SUMO estimate of each example; ``num_iters`` (B, 1) the number J of Delta terms
       used; ``capped`` (B, 1) whether J was cut at ``max_terms``; ``meeting_time`` (B, 1) zeros
-      (no chains); ``num_log_joint_evals`` () the evaluations executed for the batch, 2 B
-      chunk_size per loop step (both passes, the last step's padding included);
+      (no chains); ``num_log_joint_evals`` () the evaluations executed for the batch, 2
+      blocks_per_step block_size per loop step (both passes, the last step's padding included);
       ``own_log_joint_evals`` (B,) what each example needs, 2 (m + J_i); ``ess``,
       ``log1p_chi2``, ``log_weight_std`` NaN (no fixed number of draws).
     """
     check_model(model)
-    cfg = _check_config(min_terms, max_terms, tail_start, tail_decay, chunk_size)
+    cfg = _check_config(min_terms, max_terms, tail_start, tail_decay, block_size, blocks_per_step)
     _check_encoder_objective(encoder_objective)
-    chunk = cfg.chunk_size
+    size = cfg.block_size
 
     def objectives(log_w, num_terms):
         """(theta loss, encoder loss) as functions of the log-weight buffer (B, P_max)."""
@@ -375,7 +386,7 @@ def make_sumo_grad(
 
         # Exact coefficients d loss / d log w_ij of each objective (zero past each m + J_i).
         def per_block(c):
-            return c.reshape(B, cfg.num_chunks_max, chunk)
+            return c.reshape(B, cfg.max_blocks, size)
 
         c_theta = per_block(jax.grad(lambda lw: objectives(lw, num_terms)[0])(log_w))
         if encoder_objective is not None:
@@ -384,7 +395,7 @@ def make_sumo_grad(
         frozen = jax.lax.stop_gradient(params)
 
         def blocks(pj, pq, e, b):
-            run = jax.vmap(lambda xe, ke, bb: _block_log_weights(model, pj, pq, xe, ke, bb, chunk))
+            run = jax.vmap(lambda xe, ke, bb: _block_log_weights(model, pj, pq, xe, ke, bb, size))
             return run(x[e], key_z[e], b)
 
         def body(state):
@@ -407,7 +418,7 @@ def make_sumo_grad(
         zeros = jax.tree.map(jnp.zeros_like, params)
         _, grads = jax.lax.while_loop(lambda s: s[0] < work.num_steps, body, (jnp.int32(0), zeros))
         info = SumoInfo(
-            **_common.base_info(B, 1, sumo, 2 * B * chunk * work.num_steps),
+            **_common.base_info(B, 1, sumo, 2 * work.per_step * size * work.num_steps),
             own_log_joint_evals=(2 * (cfg.min_terms + num_terms)).astype(jnp.int32),
         )
         info["num_iters"] = num_terms[:, None]
