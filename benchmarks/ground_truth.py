@@ -150,6 +150,9 @@ def _mean_se(a):
 
 
 def _fmt(a, digits=4):
+    a = np.asarray(a, np.float64)
+    if not np.all(np.isfinite(a)):  # a run whose parameters overflowed (a gradient spike)
+        return f"diverged ({int(np.sum(~np.isfinite(a)))}/{a.size} seeds)"
     m, se = _mean_se(a)
     if math.isnan(se):
         return f"{m:.{digits}g}"
