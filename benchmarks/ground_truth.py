@@ -45,7 +45,7 @@ MLMC-debiased IWAE gradient of Shi & Cornish (2021; ``--mlmc`` n0 values, roulet
 term), and the compute-matched IWAE: IWAE-S with S the mean executed evaluations per example per
 step of the MLMC and H_{0:0} rows (``--matched``).
 Prints markdown tables (mean +- SE over seeds), writes ``--json`` and PNG curves
-(``benchmarks/plots/ground_truth_*.png``).
+(``benchmarks/plots/ground_truth_*.png``; a ``--quick`` run writes under ``runs/`` instead).
 
     python benchmarks/ground_truth.py                 # the RESULTS.md runs (~11 CPU-minutes)
     python benchmarks/ground_truth.py --models lfa    # the logistic factor model only (~4 CPU-min)
@@ -812,7 +812,11 @@ def main(argv=None):
     ap.add_argument("--deep-decay", type=float, default=500.0)
     ap.add_argument("--record-every-deep", type=int, default=250)
     ap.add_argument("--data-dir", default=None)
-    ap.add_argument("--plots", default=str(REPO / "benchmarks" / "plots"))
+    ap.add_argument(
+        "--plots",
+        help="where the PNG curves go (default benchmarks/plots, what RESULTS.md shows; "
+        "runs/ground_truth_quick with --quick)",
+    )
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     on_mnist = [m for m in args.models if m != "ppca"]
@@ -824,6 +828,9 @@ def main(argv=None):
         except DataError as e:
             models = " ".join(on_mnist)
             ap.exit(2, f"ground_truth.py: --models {models} read binarized MNIST: {e}\n")
+    if args.plots is None:  # a smoke run never overwrites the recorded figures
+        sub = ("runs", "ground_truth_quick") if args.quick else ("benchmarks", "plots")
+        args.plots = str(REPO.joinpath(*sub))
     if args.quick:
         args.seeds = args.seeds[:2]
         args.iwae_s, args.unbiased = [2], ["5:0:0"]
