@@ -124,6 +124,7 @@ from vaeml_jax.training import (  # noqa: E402
     METRICS_FILE,
     TrainConfig,
     build_vae,
+    load_run,
     read_config,
     read_metrics,
     train,
@@ -397,8 +398,15 @@ def train_and_score(a, cfg: TrainConfig, label: str, run_dir: Path, test_x, log)
     wanted = _comparable(cfg.resolved().to_dict())
     if result_file.exists():
         res = json.loads(result_file.read_text())
-        if _comparable(res.get("config", {})) == wanted and ("ais" in res or not ais_wanted):
-            log(f"  {label} seed {cfg.seed}: reusing {result_file}")
+        if _comparable(res.get("config", {})) == wanted:
+            if "ais" in res or not ais_wanted:
+                log(f"  {label} seed {cfg.seed}: reusing {result_file}")
+                return res
+            # A finished run asked for AIS later (--ais-seeds): add it, keep the rest as it is.
+            _, vae, params, _ = load_run(run_dir)
+            res["ais"] = _ais_check(a, vae, params, test_x, res["per_example_ll"])
+            result_file.write_text(json.dumps(res, indent=1) + "\n")
+            log(f"  {label} seed {cfg.seed}: AIS-IS gap {res['ais']['gap_mean']:+.3f} added")
             return res
     stored = read_config(run_dir)  # None when there is no run
     resume = stored is not None and _comparable(stored.to_dict()) == wanted
@@ -457,29 +465,7 @@ def train_and_score(a, cfg: TrainConfig, label: str, run_dir: Path, test_x, log)
         "per_example_ll": [round(float(v), 4) for v in ev["per_example"]],
     }
     if ais_wanted:
-        n = min(a.ais_examples, test_x.shape[0])
-        ais = evaluate(
-            vae.model,
-            params,
-            test_x[:n],
-            key,
-            method="ais",
-            batch_size=min(100, n),
-            num_steps=a.ais_steps,
-            num_chains=a.ais_chains,
-        )
-        gap = ais["per_example"] - ev["per_example"][:n]
-        res["ais"] = {
-            "examples": n,
-            "num_steps": a.ais_steps,
-            "num_chains": a.ais_chains,
-            "ais_ll": ais["test_log_likelihood"],
-            "is_ll_same_examples": float(np.mean(ev["per_example"][:n])),
-            "gap_mean": float(np.mean(gap)),
-            "gap_stderr": float(np.std(gap, ddof=1) / math.sqrt(n)) if n > 1 else float("nan"),
-            "gap_max": float(np.max(gap)),
-            "seconds": ais["seconds"],
-        }
+        res["ais"] = _ais_check(a, vae, params, test_x, ev["per_example"])
     result_file.write_text(json.dumps(res, indent=1) + "\n")
     log(
         f"  {label} seed {cfg.seed}: test LL {res['test_ll']:.2f} (K={a.eval_samples}, "
@@ -488,6 +474,35 @@ def train_and_score(a, cfg: TrainConfig, label: str, run_dir: Path, test_x, log)
         + (f", AIS-IS gap {res['ais']['gap_mean']:+.3f}" if "ais" in res else "")
     )
     return res
+
+
+def _ais_check(a, vae, params, test_x, is_per_example) -> dict:
+    """AIS on the first ``--ais-examples`` test examples (the evaluation key of every model) and
+    its gap to the same examples' IS estimates ``is_per_example``."""
+    n = min(a.ais_examples, test_x.shape[0])
+    ais = evaluate(
+        vae.model,
+        params,
+        test_x[:n],
+        jax.random.key(a.eval_seed),
+        method="ais",
+        batch_size=min(100, n),
+        num_steps=a.ais_steps,
+        num_chains=a.ais_chains,
+    )
+    is_n = np.asarray(is_per_example, np.float64)[:n]
+    gap = np.asarray(ais["per_example"], np.float64) - is_n
+    return {
+        "examples": n,
+        "num_steps": a.ais_steps,
+        "num_chains": a.ais_chains,
+        "ais_ll": ais["test_log_likelihood"],
+        "is_ll_same_examples": float(np.mean(is_n)),
+        "gap_mean": float(np.mean(gap)),
+        "gap_stderr": float(np.std(gap, ddof=1) / math.sqrt(n)) if n > 1 else float("nan"),
+        "gap_max": float(np.max(gap)),
+        "seconds": ais["seconds"],
+    }
 
 
 def test_ll_curve(records: list[dict]) -> list[dict]:
