@@ -281,11 +281,13 @@ class WorkList:
     Example i owns blocks 0 .. blocks[i] - 1 (its own cost, not the batch's largest): step s runs
     list positions s per_step .. (s + 1) per_step - 1, each an (example, block) pair; positions
     past the end are padding (``valid`` False), evaluated and discarded so that every step has one
-    static shape. Used by MLMC (2^L blocks of n_0 draws) and SUMO (ceil((m + J) / chunk) blocks).
+    static shape. ``per_step`` None: the batch size, so a batch of one block each takes one step.
+    Used by MLMC (2^L blocks of n_0 draws) and SUMO (ceil((m + J) / block_size) blocks).
     """
 
-    def __init__(self, blocks: jax.Array, per_step: int):
+    def __init__(self, blocks: jax.Array, per_step: int | None = None):
         self.batch = blocks.shape[0]
+        per_step = self.batch if per_step is None else per_step
         self.per_step = per_step
         self.blocks = blocks
         self.ends = jnp.cumsum(blocks)

@@ -325,13 +325,12 @@ def make_mlmc_grad(
 
     def grad_fn(params: Any, x: jax.Array, keys: jax.Array) -> LossGradient:
         B = x.shape[0]
-        per_step = B if blocks_per_step is None else blocks_per_step
         split = jax.vmap(lambda k: jax.random.split(k, 2))(keys[:, 0])
         key_level, key_z = split[:, 0], split[:, 1]
         levels, capped = jax.vmap(lambda k: _draw_level(k, cfg))(key_level)
 
         # The work list: example i's 2^L_i blocks, laid end to end.
-        work = _common.WorkList(jnp.left_shift(jnp.int32(1), levels), per_step)
+        work = _common.WorkList(jnp.left_shift(jnp.int32(1), levels), blocks_per_step)
         blocks, num_steps = work.blocks, work.num_steps
 
         frozen = jax.lax.stop_gradient(params)
@@ -388,7 +387,7 @@ def make_mlmc_grad(
 
         base_lw = jax.lax.stop_gradient(buf[:, 0, :])
         own = 2 * n0 * blocks
-        evals = 2 * n0 * per_step * num_steps
+        evals = 2 * n0 * work.per_step * num_steps
         if reparam:  # the first n_0 draws again, reparameterised (same keys as block 0)
             assert encoder_objective is not None  # reparam implies it
             keys0 = jax.vmap(jax.random.fold_in)(key_z, jnp.zeros((B,), jnp.int32))[:, None]

@@ -239,8 +239,7 @@ def _work_list(cfg: _Config, num_terms) -> _common.WorkList:
     """Example i's ceil((m + J_i) / block_size) blocks of draws, ``blocks_per_step`` (default B)
     list positions per loop step."""
     blocks = (cfg.min_terms + num_terms + cfg.block_size - 1) // cfg.block_size
-    per_step = num_terms.shape[0] if cfg.blocks_per_step is None else cfg.blocks_per_step
-    return _common.WorkList(blocks, per_step)
+    return _common.WorkList(blocks, cfg.blocks_per_step)
 
 
 def _fill_log_weights(model, params, x, key_z, work: _common.WorkList, cfg: _Config):
